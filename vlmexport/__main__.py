@@ -1,0 +1,3 @@
+from vlmexport.cli import main
+
+raise SystemExit(main())

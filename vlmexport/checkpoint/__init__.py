@@ -1,0 +1,1 @@
+"""Reading, building, merging and writing distilvit-format checkpoints."""

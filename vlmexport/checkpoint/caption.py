@@ -1,0 +1,25 @@
+"""Caption image files with the PyTorch reference model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmexport.checkpoint.generate import DecodeOptions, decode, generate_tokens
+from vlmexport.checkpoint.load import load_checkpoint
+from vlmexport.checkpoint.preprocess import open_image
+
+
+def caption_images_torch(
+    model_dir: Path, images: list[Path], max_new_tokens: int | None = None, allow_pickle: bool = False
+) -> list[str]:
+    """One caption per image, greedy, prefix-only (distilvit's generation).
+
+    Raises:
+        ImageError: an image cannot be read (checked before the model loads).
+        CheckpointError: the checkpoint cannot be loaded.
+    """
+    opened = [open_image(p) for p in images]
+    checkpoint = load_checkpoint(model_dir, allow_pickle)
+    options = DecodeOptions(max_new_tokens=max_new_tokens or checkpoint.config.max_length)
+    tokens = generate_tokens(checkpoint.model, checkpoint.tokenizer, checkpoint.preprocessor(opened), options)
+    return decode(checkpoint.tokenizer, tokens)

@@ -1,0 +1,48 @@
+"""Write a model in the distilvit checkpoint format (config.json, model.safetensors, tokenizer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerBase
+
+from vlmexport.checkpoint.config import VLMConfig
+from vlmexport.checkpoint.load import WEIGHTS_NAME, ignorable_keys
+from vlmexport.checkpoint.model import PrefixConditioningVLM
+from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME, Preprocessor
+
+
+def _legacy_vision_key(key: str, vision_type: str) -> str:
+    # transformers 4.x nested SigLIP/CLIP vision weights under `vision_model.`; 5.x reads either.
+    if vision_type in ("siglip_vision_model", "clip_vision_model") and key.startswith("vision_encoder."):
+        return "vision_encoder.vision_model." + key[len("vision_encoder.") :]
+    return key
+
+
+def model_state_for_saving(model: PrefixConditioningVLM, legacy_keys: bool = False) -> dict[str, torch.Tensor]:
+    """State dict without tied copies (safetensors refuses shared storage), contiguous, optionally 4.x-named."""
+    _, tied = ignorable_keys(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    if legacy_keys:
+        state = {_legacy_vision_key(k, model.config.vision_type): v for k, v in state.items()}
+    return state
+
+
+def save_checkpoint(
+    model: PrefixConditioningVLM,
+    config: VLMConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    preprocessor: Preprocessor | None,
+    out_dir: Path,
+    legacy_keys: bool = False,
+) -> None:
+    """Write config.json, model.safetensors, tokenizer files and (if given) preprocessor_config.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    save_file(model_state_for_saving(model, legacy_keys), str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(out_dir))
+    if preprocessor is not None:
+        (out_dir / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor.to_json(), indent=2) + "\n")
