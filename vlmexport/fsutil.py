@@ -37,10 +37,14 @@ def atomic_output_dir(target: Path, force: bool = False) -> Iterator[Path]:
     """
     target = Path(target)
     check_output_dir(target, force)
-    target.resolve().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.resolve().parent))
+    try:
+        target.resolve().parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.resolve().parent))
+    except OSError as exc:
+        raise UsageError(f"cannot write into {target.resolve().parent} ({exc.strerror})", "choose an output folder you can write to") from exc
     try:
         yield tmp
+        _readable_like_new_files(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -51,6 +55,15 @@ def atomic_output_dir(target: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(target)
+
+
+def _readable_like_new_files(root: Path) -> None:
+    # mkdtemp makes the folder 0700 and safetensors writes 0600; a bundle must be readable
+    # by whatever serves it, so give everything the permissions the umask gives new files.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextmanager

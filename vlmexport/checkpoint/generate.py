@@ -31,17 +31,9 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int | None, int | N
     return eos, pad
 
 
-def strip_after_eos(tokens: list[int], eos: int | None, pad: int | None) -> list[int]:
-    """Tokens up to and excluding EOS (and padding)."""
-    out = []
-    for t in tokens:
-        if t == eos:
-            break
-        out.append(t)
-    if pad is not None and pad != eos:
-        while out and out[-1] == pad:
-            out.pop()
-    return out
+def strip_after_eos(tokens: list[int], eos: int | None) -> list[int]:
+    """Tokens up to and excluding the first EOS (what follows it is padding)."""
+    return tokens[: tokens.index(eos)] if eos in tokens else list(tokens)
 
 
 @torch.no_grad()
@@ -71,7 +63,7 @@ def generate_tokens(
         torch.manual_seed(options.seed)
     mask = torch.ones(prefix.shape[:2], dtype=torch.long)
     out = model.language_model.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=config)
-    return [strip_after_eos(row.tolist(), eos, pad) for row in out]
+    return [strip_after_eos(row.tolist(), eos) for row in out]
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, tokens: list[list[int]]) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 
 from vlmexport.checkpoint.config import VLMConfig, read_config
 from vlmexport.checkpoint.model import PrefixConditioningVLM, build_model
@@ -74,17 +75,28 @@ def _submodels(model: PrefixConditioningVLM) -> dict[str, PreTrainedModel]:
     return {"vision_encoder.": model.vision_encoder, prefix: model.causal_lm}
 
 
-def _legacy_renames(model: PrefixConditioningVLM) -> list[tuple[str, re.Pattern[str], str]]:
+def _legacy_renames(model: PrefixConditioningVLM) -> dict[str, list[tuple[re.Pattern[str], str]]]:
     """transformers' own conversion table for checkpoints written by older releases
-    (e.g. 4.x SigLIP `vision_model.*`, flattened in 5.x), restricted to pure renames."""
-    renames = []
+    (e.g. 4.x SigLIP `vision_model.*`, flattened in 5.x), restricted to pure renames,
+    in transformers' order, per state-dict prefix."""
+    renames: dict[str, list[tuple[re.Pattern[str], str]]] = {}
     for prefix, sub in _submodels(model).items():
+        rules = renames.setdefault(prefix, [])
         for key in (type(sub).__name__, sub.config.model_type):
             for rule in get_checkpoint_conversion_mapping(key) or []:
-                sources, targets = getattr(rule, "source_patterns", []), getattr(rule, "target_patterns", [])
-                for src, dst in zip(sources, targets):
-                    renames.append((prefix, re.compile(src), dst))
+                if not isinstance(rule, WeightRenaming) or len(rule.source_patterns) != len(rule.target_patterns):
+                    continue  # converters reshape tensors; a strict loader does not guess at them
+                for src, dst in zip(rule.source_patterns, rule.target_patterns, strict=True):
+                    rules.append((re.compile(src), dst))
     return renames
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str:
+    # As transformers does: every matching rule fires in turn (they chain, e.g. ViT's
+    # `encoder.layer.` → `layers.` then `attention.query` → `q_proj`), first match only.
+    for pattern, target in rules:
+        key = pattern.sub(target, key, count=1)
+    return key
 
 
 def normalise_keys(state: dict[str, torch.Tensor], model: PrefixConditioningVLM) -> dict[str, torch.Tensor]:
@@ -95,12 +107,12 @@ def normalise_keys(state: dict[str, torch.Tensor], model: PrefixConditioningVLM)
     for key, tensor in state.items():
         new_key = key
         if key not in expected:
-            for prefix, pattern, target in renames:
-                if key.startswith(prefix):
-                    candidate = prefix + pattern.sub(target, key[len(prefix) :])
+            for prefix, rules in renames.items():
+                if rules and key.startswith(prefix):
+                    candidate = prefix + _rename(key[len(prefix) :], rules)
                     if candidate in expected:
                         new_key = candidate
-                        break
+                    break
         out[new_key] = tensor
     return out
 

@@ -31,6 +31,15 @@ DERIVED: dict[str, tuple[str, list[float], list[float], int]] = {
 }
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as transformers' image processors make it: transparency is composited onto white
+    (a plain `convert("RGB")` would drop alpha and expose whatever colour hides behind it)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """Resize to (height, width), rescale, normalise; channels first, float32."""
@@ -49,7 +58,7 @@ class Preprocessor:
         return np.stack([self.one(image) for image in images])
 
     def one(self, image: Image.Image) -> np.ndarray:
-        image = image.convert("RGB").resize((self.width, self.height), resample=Image.Resampling(self.resample))
+        image = to_rgb(image).resize((self.width, self.height), resample=Image.Resampling(self.resample))
         pixels = np.asarray(image, dtype=np.float32) * np.float32(self.rescale_factor)
         if self.do_normalize:
             pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
@@ -60,7 +69,10 @@ class Preprocessor:
         d = asdict(self)
         return {
             "image_processor_type": d["image_processor_type"],
+            "do_convert_rgb": True,
             "do_resize": True,
+            # CLIP's processor centre-crops by default; these settings resize straight to size.
+            "do_center_crop": False,
             "size": {"height": self.height, "width": self.width},
             "resample": self.resample,
             "do_rescale": True,
@@ -129,6 +141,6 @@ def open_image(path: Path | str) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageError(f"{path} is not a readable image ({exc.__class__.__name__})", "pass a PNG, JPEG or other image file") from exc

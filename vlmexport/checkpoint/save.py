@@ -14,11 +14,28 @@ from vlmexport.checkpoint.load import WEIGHTS_NAME, ignorable_keys
 from vlmexport.checkpoint.model import PrefixConditioningVLM
 from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME, Preprocessor
 
+# transformers 4.x ViT names, from the 5.x names (the reverse of transformers' ViT conversion table).
+_VIT_4X_NAMES = (
+    ("layers.", "encoder.layer."),
+    ("attention.q_proj", "attention.attention.query"),
+    ("attention.k_proj", "attention.attention.key"),
+    ("attention.v_proj", "attention.attention.value"),
+    ("attention.o_proj", "attention.output.dense"),
+    ("mlp.fc1", "intermediate.dense"),
+    ("mlp.fc2", "output.dense"),
+)
+
 
 def _legacy_vision_key(key: str, vision_type: str) -> str:
-    # transformers 4.x nested SigLIP/CLIP vision weights under `vision_model.`; 5.x reads either.
-    if vision_type in ("siglip_vision_model", "clip_vision_model") and key.startswith("vision_encoder."):
+    # transformers 4.x nested SigLIP/CLIP vision weights under `vision_model.` and named ViT's
+    # layers `encoder.layer.N.attention.attention.query` etc.; the loader reads either naming.
+    if not key.startswith("vision_encoder."):
+        return key
+    if vision_type in ("siglip_vision_model", "clip_vision_model"):
         return "vision_encoder.vision_model." + key[len("vision_encoder.") :]
+    if vision_type == "vit":
+        for new, old in _VIT_4X_NAMES:
+            key = key.replace(new, old, 1)
     return key
 
 

@@ -1,0 +1,252 @@
+"""export: both layouts, every architecture, the contract's names and axes, determinism,
+the tied head stored once, zero-length feeds, and every error case."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens
+from vlmexport.checkpoint.load import load_checkpoint
+from vlmexport.cli import main
+from vlmexport.exporter.export import export_bundle
+from vlmexport.exporter.graphs import past_names
+from vlmexport.exporter.manifest import MANIFEST_NAME, read_manifest
+from vlmexport.runtime.bundle import open_bundle
+from vlmexport.runtime.generate import greedy
+from vlmexport.samples import sample_images
+
+
+@pytest.fixture(scope="session")
+def export_tiny(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: an exported bundle per (layout, text, vision, projection), built once per session."""
+    built: dict[tuple[str, ...], Path] = {}
+
+    def build(layout: str = "distilvit", text: str = "llama", vision: str = "siglip_vision_model", projection: str = "linear") -> Path:
+        key = (layout, text, vision, projection)
+        if key not in built:
+            ckpt = make_checkpoint(f"{text}-{vision}-{projection}", text=text, vision=vision, projection=projection)
+            out = tmp_path_factory.mktemp("bundle") / "onnx"
+            result = export_bundle(ckpt, out, layout=layout)
+            assert result.smoke and all(m.passed for m in result.smoke)
+            built[key] = out
+        return built[key]
+
+    return build
+
+
+def _graph(bundle: Path, relative: str) -> onnx.ModelProto:
+    return onnx.load(str(bundle / relative))
+
+
+def _declared(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("layout", ["distilvit", "compact"])
+@pytest.mark.parametrize("text", ["llama", "gpt2", "opt"])
+def test_greedy_tokens_from_the_bundle_equal_pytorch_lora_model(export_tiny, make_checkpoint, layout: str, text: str) -> None:
+    bundle_dir = export_tiny(layout, text)
+    checkpoint = load_checkpoint(make_checkpoint(f"{text}-siglip_vision_model-linear", text=text))
+    pixels = checkpoint.preprocessor(sample_images(3, 32))
+    expected = generate_tokens(checkpoint.model, checkpoint.tokenizer, pixels, DecodeOptions(max_new_tokens=8))
+    bundle = open_bundle(bundle_dir)
+    got = greedy(bundle, bundle.prefix(pixels), 8, checkpoint.tokenizer.eos_token_id, checkpoint.tokenizer.pad_token_id)
+    assert got == expected
+    assert len({tuple(t) for t in expected}) > 1, "tokens should differ between images, or the test proves little"
+
+
+@pytest.mark.parametrize(("vision", "projection"), [("vit", "mlp"), ("clip_vision_model", "linear")])
+def test_vit_clip_and_mlp_projection_export_and_match(export_tiny, make_checkpoint, vision: str, projection: str) -> None:
+    bundle_dir = export_tiny("compact", "llama", vision, projection)
+    checkpoint = load_checkpoint(make_checkpoint(f"llama-{vision}-{projection}", vision=vision, projection=projection))
+    pixels = checkpoint.preprocessor(sample_images(2, 32))
+    bundle = open_bundle(bundle_dir)
+    got = greedy(bundle, bundle.prefix(pixels), 8, checkpoint.tokenizer.eos_token_id, checkpoint.tokenizer.pad_token_id)
+    assert got == generate_tokens(checkpoint.model, checkpoint.tokenizer, pixels, DecodeOptions(max_new_tokens=8))
+
+
+def test_distilvit_layout_names_dtypes_and_axes_follow_the_contract(export_tiny) -> None:
+    bundle = export_tiny("distilvit")
+    model = read_manifest(bundle).model
+    layers, heads, dim = model["num_layers"], model["kv_heads"], model["head_dim"]
+    vision = _graph(bundle, "vision_encoder/model.onnx").graph
+    assert [v.name for v in vision.input] == ["pixel_values"]
+    assert _declared(vision.input[0]) == ["batch_size", 3, 32, 32]
+    assert _declared(vision.output[0]) == ["batch_size", 16, 32]
+    projection = _graph(bundle, "projection.onnx").graph
+    assert [v.name for v in projection.input] == ["vision_hidden_states"]
+    assert [v.name for v in projection.output] == ["projected_prefix"]
+    presents = [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+    prefix_init = _graph(bundle, "prefix_init.onnx").graph
+    assert [v.name for v in prefix_init.input] == ["prefix_embeddings", "input_ids"]
+    assert [v.name for v in prefix_init.output] == ["logits", *presents]
+    assert prefix_init.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    lm = _graph(bundle, "language_model/model.onnx").graph
+    assert [v.name for v in lm.input] == ["input_ids", "attention_mask", "position_ids", *past_names(layers)]
+    assert [v.name for v in lm.output] == ["logits", *presents]
+    assert _declared(lm.input[3]) == ["batch_size", heads, "past_sequence_length", dim]
+    assert _declared(lm.output[1]) == ["batch_size", heads, "past_sequence_length + sequence_length", dim]
+    assert _declared(lm.input[1]) == ["batch_size", "past_sequence_length + sequence_length"]
+
+
+def test_compact_layout_has_one_decoder_with_prefix_ids_mask_positions_and_past(export_tiny) -> None:
+    bundle = export_tiny("compact")
+    assert sorted(read_manifest(bundle).variants["fp32"]) == ["decoder", "projection", "vision_encoder"]
+    assert not (bundle / "prefix_init.onnx").exists() and not (bundle / "language_model").exists()
+    decoder = _graph(bundle, "decoder/model.onnx").graph
+    names = [v.name for v in decoder.input]
+    assert names[:4] == ["prefix_embeddings", "input_ids", "attention_mask", "position_ids"]
+    assert names[4:] == past_names(read_manifest(bundle).model["num_layers"])
+
+
+@pytest.mark.parametrize("layout", ["distilvit", "compact"])
+def test_zero_length_prefix_ids_and_past_run_in_onnxruntime(export_tiny, layout: str) -> None:
+    bundle = open_bundle(export_tiny(layout))
+    prefix = bundle.prefix(np.zeros((2, 3, 32, 32), np.float32))
+    logits, past = bundle.first_pass(prefix)  # T = 0, empty past
+    assert logits.shape[:2] == (2, 1) and past[0].shape[2] == prefix.shape[1]
+    logits, past = bundle.first_pass(prefix, np.array([[5, 6], [7, 8]]))  # prompt ids after the prefix
+    assert logits.shape[:2] == (2, 3) and past[0].shape[2] == prefix.shape[1] + 2
+    logits, past = bundle.step(np.array([[3], [4]]), past)  # empty prefix, one token, past
+    assert logits.shape[:2] == (2, 1)
+    logits, fresh = bundle.step(np.array([[3], [4]]), bundle.empty_past(2))  # empty past, no prefix
+    assert logits.shape[:2] == (2, 1) and fresh[0].shape[2] == 1
+
+
+def test_exporting_twice_gives_byte_identical_graphs(make_checkpoint, tmp_path: Path) -> None:
+    ckpt = make_checkpoint("tiny")
+    for name in ("a", "b"):
+        export_bundle(ckpt, tmp_path / name, layout="compact", verify=False)
+    graphs = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.onnx"))
+    assert graphs
+    for relative in graphs:
+        assert (tmp_path / "a" / relative).read_bytes() == (tmp_path / "b" / relative).read_bytes(), relative
+    assert (tmp_path / "a" / MANIFEST_NAME).read_bytes() == (tmp_path / "b" / MANIFEST_NAME).read_bytes()
+
+
+def _initializer_bytes(graph: onnx.GraphProto) -> int:
+    return sum(numpy_helper.to_array(i).nbytes for i in graph.initializer)
+
+
+@pytest.mark.parametrize(("layout", "relatives"), [("compact", ["decoder/model.onnx"]), ("distilvit", ["prefix_init.onnx", "language_model/model.onnx"])])
+@pytest.mark.parametrize("text", ["llama", "gpt2", "opt"])
+def test_tied_lm_head_is_stored_once_per_decoder_graph(export_tiny, layout: str, relatives: list[str], text: str) -> None:
+    bundle = export_tiny(layout, text)
+    facts = read_manifest(bundle).model
+    assert facts["tied_lm_head"]
+    table = facts["vocab_size"] * facts["embed_dim"]
+    for relative in relatives:
+        graph = _graph(bundle, relative).graph
+        tables = [tuple(i.dims) for i in graph.initializer if np.prod(i.dims) == table]
+        assert tables == [(facts["vocab_size"], facts["embed_dim"])], relative
+        # Every decoder parameter at most once: a second copy of the head would add 4 * table bytes.
+        assert _initializer_bytes(graph) < 4 * facts["parameters"]["decoder"] + 4 * table // 2, relative
+
+
+def test_manifest_lists_every_file_with_hash_size_and_signature(export_tiny) -> None:
+    bundle = export_tiny("distilvit")
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST_NAME}
+    assert set(manifest["files"]) == on_disk
+    for name in ("tokenizer.json", "preprocessor_config.json", "config.json", "generation_config.json"):
+        assert name in on_disk
+    graph = manifest["files"]["prefix_init.onnx"]
+    assert graph["variant"] == "fp32" and len(graph["sha256"]) == 64 and graph["inputs"][0]["name"] == "prefix_embeddings"
+    assert set(manifest["versions"]) >= {"torch", "transformers", "onnx", "onnxruntime", "vlmexport"}
+    assert manifest["variants"] == {"fp32": {k: v for k, v in manifest["variants"]["fp32"].items()}}
+
+
+def test_inspect_verifies_hashes_and_names_a_changed_file(export_tiny, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    bundle = shutil.copytree(export_tiny("distilvit"), tmp_path / "b")
+    assert main(["inspect", str(bundle)]) == 0
+    assert "past_key_values.0.key" in capsys.readouterr().out
+    with (bundle / "projection.onnx").open("r+b") as handle:
+        handle.seek(-8, os.SEEK_END)
+        handle.write(b"\x00" * 8)
+    assert main(["inspect", str(bundle)]) == 2
+    assert "projection.onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layout", "flat"], "unknown layout"),
+        (["--opset", "13"], "opset 13"),
+    ],
+)
+def test_bad_export_options_exit_2_with_one_line(make_checkpoint, tmp_path: Path, capsys, args, message) -> None:
+    code = main(["export", "--model-dir", str(make_checkpoint("tiny")), "--output-dir", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_occupied_output_is_refused_without_force_and_replaced_with_it(make_checkpoint, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", "--model-dir", str(make_checkpoint("tiny")), "--output-dir", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main(["export", "--model-dir", str(make_checkpoint("tiny")), "--output-dir", str(out), "--force", "--layout", "compact"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "decoder" / "model.onnx").is_file()
+
+
+def test_unwritable_target_exits_2(make_checkpoint, tmp_path: Path, capsys) -> None:
+    if os.geteuid() == 0:
+        target = Path("/proc/vlmexport-test/onnx")  # root can write anywhere but /proc
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "onnx"
+    assert main(["export", "--model-dir", str(make_checkpoint("tiny")), "--output-dir", str(target)]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_interrupted_export_leaves_no_half_bundle(make_checkpoint, tmp_path: Path, monkeypatch) -> None:
+    import vlmexport.exporter.export as export_module
+
+    calls = []
+    real = export_module.export_module
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "export_module", fail_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(make_checkpoint("tiny"), tmp_path / "onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_smoke_parity_failure_exits_1_and_writes_nothing(make_checkpoint, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A graph whose weights drift after tracing must fail the end-of-export parity check."""
+    import vlmexport.exporter.export as export_module
+
+    real = export_module.finalize
+
+    def corrupt(path, *args, **kwargs):
+        saved = real(path, *args, **kwargs)
+        if path.name == "projection.onnx":
+            model = onnx.load(str(path))
+            weight = max(model.graph.initializer, key=lambda i: np.prod(i.dims))
+            weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+            onnx.save(model, str(path))
+        return saved
+
+    monkeypatch.setattr(export_module, "finalize", corrupt)
+    code = main(["export", "--model-dir", str(make_checkpoint("tiny")), "--output-dir", str(tmp_path / "o")])
+    assert code == 1
+    assert "projection" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

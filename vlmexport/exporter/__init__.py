@@ -1,0 +1,1 @@
+"""Export a checkpoint's components to ONNX graphs and assemble the bundle."""

@@ -1,0 +1,227 @@
+"""`export`: a checkpoint → a verified ONNX bundle in the distilvit or compact layout."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
+from vlmexport.checkpoint.merge import MERGE_LOGITS_TOLERANCE, compare_models, merged_model
+from vlmexport.checkpoint.model import PrefixConditioningVLM
+from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME
+from vlmexport.errors import BundleError, ParityError, UsageError
+from vlmexport.exporter import graphs
+from vlmexport.exporter.manifest import LAYOUTS, Manifest
+from vlmexport.exporter.onnx_io import export_module, finalize, signature
+from vlmexport.fsutil import atomic_output_dir, check_output_dir
+from vlmexport.runtime.bundle import open_bundle
+from vlmexport.samples import sample_images
+from vlmexport.validate.metrics import Measurement
+from vlmexport.validate.smoke import smoke_parity
+
+OPSETS = range(18, 21)
+DEFAULT_OPSET = 18
+LIBRARIES = ("vlmexport", "torch", "transformers", "peft", "onnx", "onnxruntime")
+
+
+@dataclass
+class ExportResult:
+    """What was written, how big it is against the parameters, and how it verified."""
+
+    path: Path
+    layout: str
+    files: dict[str, int]  # graph path → bytes
+    parameters: dict[str, int]  # component → parameter count
+    parameter_bytes: int
+    bundle_bytes: int
+    seconds: float
+    smoke: list[Measurement] = field(default_factory=list)
+
+
+def _component_graphs(model: PrefixConditioningVLM, layout: str, shape: graphs.DecoderShape) -> dict[str, torch.nn.Module]:
+    lm = model.causal_lm
+    modules: dict[str, torch.nn.Module] = {
+        "vision_encoder": graphs.VisionGraph(model.vision_encoder),
+        "projection": graphs.ProjectionGraph(model.projection),
+    }
+    if layout == "distilvit":
+        modules["prefix_init"] = graphs.PrefixInitGraph(lm, shape)
+        modules["language_model"] = graphs.LanguageModelGraph(lm, shape)
+    else:
+        modules["decoder"] = graphs.compact_decoder_graph(lm, shape)
+    # torch.onnx.export restores each wrapper's mode afterwards, recursively: a wrapper left in
+    # (the default) training mode would switch dropout on in the model it wraps.
+    return {name: module.eval() for name, module in modules.items()}
+
+
+def _example_inputs(name: str, module: torch.nn.Module, model: PrefixConditioningVLM, shape: graphs.DecoderShape) -> tuple[torch.Tensor, ...]:
+    size = model.vision_encoder.config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    if name == "vision_encoder":
+        return (pixels,)
+    hidden = model.vision_features(pixels)
+    if name == "projection":
+        return (hidden,)
+    if name == "prefix_init":
+        ids = torch.randint(0, shape.vocab_size, (2, 2), generator=torch.Generator().manual_seed(0))
+        return (model.projection(hidden)[:, :3].contiguous(), ids)
+    return graphs.example_decoder_inputs(module, shape)
+
+
+def _parameter_counts(model: PrefixConditioningVLM) -> dict[str, int]:
+    def count(module: torch.nn.Module) -> int:
+        # Each tensor once: a tied head shares the embedding's storage.
+        return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+    return {
+        "vision_encoder": count(model.vision_encoder),
+        "projection": count(model.projection),
+        "decoder": count(model.causal_lm),
+    }
+
+
+def _model_facts(checkpoint: Checkpoint, model: PrefixConditioningVLM, shape: graphs.DecoderShape, prefix_length: int) -> dict:
+    tokenizer = checkpoint.tokenizer
+    return {
+        "vision_type": checkpoint.config.vision_type,
+        "text_type": checkpoint.config.text_type,
+        "image_size": checkpoint.preprocessor.height,
+        "prefix_length": prefix_length,
+        "num_layers": shape.num_layers,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "embed_dim": shape.embed_dim,
+        "vocab_size": shape.vocab_size,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_length": checkpoint.config.max_length,
+        "tied_lm_head": bool(getattr(model.causal_lm.config, "tie_word_embeddings", False)),
+        "parameters": _parameter_counts(model),
+    }
+
+
+def _write_side_files(checkpoint: Checkpoint, model: PrefixConditioningVLM, out: Path) -> None:
+    checkpoint.tokenizer.save_pretrained(str(out))
+    (out / PREPROCESSOR_NAME).write_text(json.dumps(checkpoint.preprocessor.to_json(), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+    eos, pad = checkpoint.tokenizer.eos_token_id, checkpoint.tokenizer.pad_token_id
+    generation = {
+        "max_new_tokens": checkpoint.config.max_length,
+        "do_sample": False,
+        "num_beams": 1,
+        "eos_token_id": eos,
+        "pad_token_id": pad if pad is not None else eos,
+        "bos_token_id": None,
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def verified_merge(checkpoint: Checkpoint) -> PrefixConditioningVLM:
+    """The decoder with LoRA folded in, proven equal to the adapter model (or the model as is).
+
+    Raises:
+        ParityError: the merged model's logits or greedy tokens differ.
+    """
+    if not checkpoint.model.has_lora:
+        return checkpoint.model
+    merged = merged_model(checkpoint.model)
+    report = compare_models(checkpoint, merged)
+    if report.logits_max_abs > MERGE_LOGITS_TOLERANCE or not report.tokens_identical:
+        raise ParityError("LoRA merge", "logits max abs", report.logits_max_abs, MERGE_LOGITS_TOLERANCE)
+    return merged
+
+
+def _check_graphs(out: Path, files: dict[str, str]) -> None:
+    for relative in files.values():
+        try:
+            onnx.checker.check_model(str(out / relative), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise BundleError(f"{relative} fails onnx.checker ({str(exc).splitlines()[0]})", "report this as a vlmexport bug") from exc
+
+
+def export_bundle(
+    model_dir: Path,
+    output_dir: Path,
+    layout: str = "distilvit",
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    verify: bool = True,
+    allow_pickle: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Merge LoRA (verified), export every component, write side files and manifest, verify.
+
+    Raises:
+        UsageError: unknown layout or opset, occupied or unwritable output.
+        CheckpointError: the checkpoint cannot be loaded.
+        ParityError: merge or smoke parity out of tolerance (nothing is left at output_dir).
+        BundleError: a graph fails the ONNX checker or cannot be loaded.
+    """
+    if layout not in LAYOUTS:
+        raise UsageError(f"unknown layout {layout!r}", f"use one of: {', '.join(LAYOUTS)}")
+    if opset not in OPSETS:
+        raise UsageError(f"opset {opset} is not supported", f"use an opset from {OPSETS.start} to {OPSETS.stop - 1}")
+    check_output_dir(output_dir, force)
+    step = on_step or (lambda message: None)
+    started = time.perf_counter()
+    step("loading checkpoint")
+    checkpoint = load_checkpoint(model_dir, allow_pickle)
+    step("merging LoRA")
+    model = verified_merge(checkpoint)
+    shape = graphs.decoder_shape(model.causal_lm)
+    files = LAYOUTS[layout]
+    with atomic_output_dir(output_dir, force) as tmp:
+        prefix_length = 0
+        for name, module in _component_graphs(model, layout, shape).items():
+            step(f"exporting {name}")
+            args = _example_inputs(name, module, model, shape)
+            if name == "projection":
+                prefix_length = int(args[0].shape[1])
+            export_module(module, args, tmp / files[name], opset)
+            with torch.no_grad():
+                results = module(*args)
+            results = results if isinstance(results, tuple) else (results,)
+            shapes = dict(zip(module.input_names + module.output_names, [tuple(t.shape) for t in (*args, *results)]))
+            finalize(tmp / files[name], module.dynamic_axes, shapes)
+        step("writing tokenizer, configs and manifest")
+        _write_side_files(checkpoint, model, tmp)
+        versions = {lib: version(lib) for lib in LIBRARIES}
+        manifest = Manifest(layout, opset, _model_facts(checkpoint, model, shape, prefix_length), versions)
+        manifest.variants["fp32"] = dict(files)
+        for name, relative in files.items():
+            manifest.describe_file(tmp, relative, component=name, variant="fp32", **signature(tmp / relative))
+        for path in sorted(p for p in tmp.iterdir() if p.is_file() and p.name not in manifest.files):
+            manifest.describe_file(tmp, path.name)
+        manifest.write(tmp)
+        smoke: list[Measurement] = []
+        if verify:
+            step("verifying (onnx.checker, onnxruntime, smoke parity)")
+            _check_graphs(tmp, files)
+            bundle = open_bundle(tmp)
+            pixels = checkpoint.preprocessor(sample_images(1, checkpoint.preprocessor.height))
+            smoke = smoke_parity(bundle, model, pixels)
+            failed = [m for m in smoke if not m.passed]
+            if failed:
+                worst = failed[0]
+                raise ParityError(f"{worst.component} {worst.output}", worst.metric, worst.value, worst.tolerance, "report this as a vlmexport bug")
+        graph_bytes = {rel: (tmp / rel).stat().st_size for rel in files.values()}
+        bundle_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    parameters = _parameter_counts(model)
+    return ExportResult(
+        path=output_dir,
+        layout=layout,
+        files=graph_bytes,
+        parameters=parameters,
+        parameter_bytes=4 * sum(parameters.values()),
+        bundle_bytes=bundle_bytes,
+        seconds=time.perf_counter() - started,
+        smoke=smoke,
+    )

@@ -1,0 +1,134 @@
+"""The bundle manifest `vlmexport.json`: what is in the bundle and how to trust it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmexport.errors import BundleError
+
+MANIFEST_NAME = "vlmexport.json"
+SCHEMA_VERSION = 1
+LAYOUTS: dict[str, dict[str, str]] = {
+    "distilvit": {
+        "vision_encoder": "vision_encoder/model.onnx",
+        "projection": "projection.onnx",
+        "prefix_init": "prefix_init.onnx",
+        "language_model": "language_model/model.onnx",
+    },
+    "compact": {
+        "vision_encoder": "vision_encoder/model.onnx",
+        "projection": "projection.onnx",
+        "decoder": "decoder/model.onnx",
+    },
+}
+VARIANTS = ("fp32", "int8", "uint8", "fp16", "q4")
+
+
+def variant_path(fp32_path: str, variant: str) -> str:
+    """`vision_encoder/model.onnx` → `vision_encoder/model_int8.onnx`; fp32 keeps the plain name."""
+    if variant == "fp32":
+        return fp32_path
+    stem, _, ext = fp32_path.rpartition(".")
+    return f"{stem}_{variant}.{ext}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """In-memory form of vlmexport.json."""
+
+    layout: str
+    opset: int
+    model: dict[str, Any]
+    versions: dict[str, str]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    def component_file(self, component: str, variant: str = "fp32") -> str:
+        """Relative path of a component's graph in a variant.
+
+        Raises:
+            BundleError: the variant is not in the bundle.
+        """
+        if variant not in self.variants:
+            raise BundleError(
+                f"variant {variant!r} is not in this bundle (it has {', '.join(self.variants)})",
+                f"run `vlmexport quantize --mode {variant}` first, or pick a variant it has",
+            )
+        return self.variants[variant][component]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "layout": self.layout,
+            "opset": self.opset,
+            "versions": self.versions,
+            "model": self.model,
+            "variants": self.variants,
+            "files": dict(sorted(self.files.items())),
+            "checks": self.checks,
+        }
+
+    def write(self, bundle_dir: Path) -> None:
+        (bundle_dir / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    def describe_file(self, bundle_dir: Path, relative: str, **extra: Any) -> None:
+        """Record a file's size and sha256 (and anything else given)."""
+        path = bundle_dir / relative
+        self.files[relative] = {"size": path.stat().st_size, "sha256": sha256_file(path), **extra}
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    """Read `bundle_dir/vlmexport.json`.
+
+    Raises:
+        BundleError: no folder, no manifest, unreadable or of an unknown schema.
+    """
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle folder {bundle_dir} does not exist", "pass --onnx-dir pointing at a `vlmexport export` output")
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{path} is missing", "re-run `vlmexport export`; vlmexport only reads bundles it wrote")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("schema_version") != SCHEMA_VERSION or data.get("layout") not in LAYOUTS:
+            raise ValueError(f"schema {data.get('schema_version')}, layout {data.get('layout')}")
+        return Manifest(
+            layout=data["layout"],
+            opset=int(data["opset"]),
+            model=data["model"],
+            versions=data["versions"],
+            files=data["files"],
+            variants=data["variants"],
+            checks=data.get("checks", {}),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path} is not a vlmexport manifest ({exc})", "re-run `vlmexport export`") from exc
+
+
+def verify_files(bundle_dir: Path, manifest: Manifest, only: list[str] | None = None) -> None:
+    """Every listed file exists with its size and sha256.
+
+    Raises:
+        BundleError: naming the first file that is missing or differs.
+    """
+    for relative, info in manifest.files.items():
+        if only is not None and relative not in only:
+            continue
+        path = bundle_dir / relative
+        if not path.is_file():
+            raise BundleError(f"{relative} is listed in the manifest but missing", "re-run `vlmexport export` (or copy the whole bundle)")
+        if path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
+            raise BundleError(f"{relative} does not match its manifest sha256 (changed or truncated)", "re-export, or restore the file")

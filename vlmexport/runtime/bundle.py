@@ -1,0 +1,109 @@
+"""A bundle opened in ONNX Runtime, hiding the layout behind two calls: first pass and step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from vlmexport.errors import BundleError
+from vlmexport.exporter.graphs import past_names
+from vlmexport.exporter.manifest import Manifest, read_manifest
+
+Past = list[np.ndarray]
+
+
+def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session; raises BundleError if ONNX Runtime cannot load the file."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own, unexported, exception types
+        raise BundleError(f"ONNX Runtime cannot load {path.name} ({str(exc).splitlines()[0][:200]})", "re-export the bundle") from exc
+
+
+@dataclass
+class Bundle:
+    """Sessions of one variant of a bundle."""
+
+    path: Path
+    manifest: Manifest
+    variant: str
+    sessions: dict[str, ort.InferenceSession]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest.model["num_layers"])
+
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
+
+    def project(self, hidden: np.ndarray) -> np.ndarray:
+        return self.sessions["projection"].run(None, {"vision_hidden_states": hidden})[0]
+
+    def prefix(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.project(self.vision(pixel_values))
+
+    def empty_past(self, batch: int) -> Past:
+        heads, dim = int(self.manifest.model["kv_heads"]), int(self.manifest.model["head_dim"])
+        return [np.zeros((batch, heads, 0, dim), np.float32) for _ in range(2 * self.num_layers)]
+
+    def first_pass(self, prefix: np.ndarray, input_ids: np.ndarray | None = None) -> tuple[np.ndarray, Past]:
+        """Prefix (and optional prompt ids) with an empty past → (logits, present)."""
+        batch, length = prefix.shape[0], prefix.shape[1]
+        ids = np.zeros((batch, 0), np.int64) if input_ids is None else input_ids.astype(np.int64)
+        if self.manifest.layout == "distilvit":
+            out = self.sessions["prefix_init"].run(None, {"prefix_embeddings": prefix, "input_ids": ids})
+            return out[0], out[1:]
+        total = length + ids.shape[1]
+        feeds = {
+            "prefix_embeddings": prefix,
+            "input_ids": ids,
+            "attention_mask": np.ones((batch, total), np.int64),
+            "position_ids": np.broadcast_to(np.arange(total, dtype=np.int64), (batch, total)).copy(),
+            **dict(zip(past_names(self.num_layers), self.empty_past(batch))),
+        }
+        out = self.sessions["decoder"].run(None, feeds)
+        return out[0], out[1:]
+
+    def step(self, input_ids: np.ndarray, past: Past, position_offset: int | None = None) -> tuple[np.ndarray, Past]:
+        """Ids after a cached past → (logits, present). Positions continue from the past length
+        unless `position_offset` overrides it (used by tests to prove an off-by-one is caught)."""
+        batch, count = input_ids.shape
+        past_len = past[0].shape[2]
+        start = past_len if position_offset is None else position_offset
+        feeds = {
+            "input_ids": input_ids.astype(np.int64),
+            "attention_mask": np.ones((batch, past_len + count), np.int64),
+            "position_ids": np.broadcast_to(np.arange(start, start + count, dtype=np.int64), (batch, count)).copy(),
+            **dict(zip(past_names(self.num_layers), past)),
+        }
+        if self.manifest.layout == "distilvit":
+            out = self.sessions["language_model"].run(None, feeds)
+        else:
+            feeds["prefix_embeddings"] = np.zeros((batch, 0, int(self.manifest.model["embed_dim"])), np.float32)
+            out = self.sessions["decoder"].run(None, feeds)
+        return out[0], out[1:]
+
+
+def open_bundle(bundle_dir: Path | str, variant: str = "fp32", threads: int | None = None) -> Bundle:
+    """Open every component of `variant`.
+
+    Raises:
+        BundleError: no manifest, unknown variant, or a graph ONNX Runtime cannot load.
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    manifest.component_file("vision_encoder", variant)  # raises for a variant the bundle lacks
+    sessions = {}
+    for component, relative in manifest.variants[variant].items():
+        path = bundle_dir / relative
+        if not path.is_file():
+            raise BundleError(f"{relative} is missing from the bundle", "re-run `vlmexport export`")
+        sessions[component] = session(path, threads)
+    return Bundle(bundle_dir, manifest, variant, sessions)

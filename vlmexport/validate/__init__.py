@@ -1,0 +1,1 @@
+"""Measuring a bundle against the PyTorch model."""
