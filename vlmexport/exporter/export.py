@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -25,6 +24,7 @@ from vlmexport.fsutil import atomic_output_dir, check_output_dir
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.samples import sample_images
 from vlmexport.validate.metrics import Measurement
+from vlmexport.validate.reference import TorchRunner
 from vlmexport.validate.smoke import smoke_parity
 
 OPSETS = range(18, 21)
@@ -207,7 +207,7 @@ def export_bundle(
             _check_graphs(tmp, files)
             bundle = open_bundle(tmp)
             pixels = checkpoint.preprocessor(sample_images(1, checkpoint.preprocessor.height))
-            smoke = smoke_parity(bundle, model, pixels)
+            smoke = smoke_parity(TorchRunner(model), bundle, pixels, layout)
             failed = [m for m in smoke if not m.passed]
             if failed:
                 worst = failed[0]

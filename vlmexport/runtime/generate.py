@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmexport.runtime.bundle import Bundle
+from vlmexport.runtime.runner import Runner
 
 
-def greedy(bundle: Bundle, prefix: np.ndarray, max_new_tokens: int, eos: int | None, pad: int | None) -> list[list[int]]:
+def greedy(bundle: Runner, prefix: np.ndarray, max_new_tokens: int, eos: int | None, pad: int | None) -> list[list[int]]:
     """Greedy tokens per row, prefix-only as distilvit generates; EOS excluded.
 
     Finished rows keep decoding with `pad` fed in (as transformers' generate does), so

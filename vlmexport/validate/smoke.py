@@ -4,43 +4,48 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmexport.checkpoint.model import PrefixConditioningVLM
-from vlmexport.runtime.bundle import Bundle
+from vlmexport.runtime.runner import Runner
 from vlmexport.validate.metrics import Measurement, max_abs
-from vlmexport.validate.reference import torch_components, torch_decode_trace
 
 ACTIVATION_TOLERANCE = 1e-4
 LOGITS_TOLERANCE = 1e-3
 
 
-def decode_measurements(
-    bundle: Bundle, model: PrefixConditioningVLM, prefix: np.ndarray, steps: np.ndarray | int,
-    logits_tolerance: float, activation_tolerance: float,
-) -> list[Measurement]:
-    """Max abs error of logits and cache, first pass then each cached step, both fed the same tokens
-    (the given ones, or PyTorch's greedy choices)."""
-    reference = torch_decode_trace(model, prefix, steps)
-    logits, past = bundle.first_pass(prefix)
-    got_logits, got_present = [logits], [past]
-    for column in range(reference.tokens.shape[1]):
-        logits, past = bundle.step(reference.tokens[:, column : column + 1], past)
-        got_logits.append(logits)
-        got_present.append(past)
-    first, later = ("prefix_init", "language_model") if bundle.manifest.layout == "distilvit" else ("decoder", "decoder")
-    out = []
-    for i, (ref_l, got_l, ref_p, got_p) in enumerate(zip(reference.logits, got_logits, reference.present, got_present)):
-        name = first if i == 0 else f"{later} step {i}"
-        out.append(Measurement(name, "logits", "max_abs", max_abs(ref_l, got_l), logits_tolerance))
-        present_err = max(map(max_abs, ref_p, got_p), default=0.0) if len(ref_p) == len(got_p) else float("inf")
-        out.append(Measurement(name, "present.*", "max_abs", present_err, activation_tolerance))
-    return out
+def decode_passes(runner: Runner, prefix: np.ndarray, tokens: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """(logits, present) of the first pass, then of one cached step per column of `tokens`."""
+    logits, past = runner.first_pass(prefix)
+    passes = [(logits, past)]
+    for column in range(tokens.shape[1]):
+        logits, past = runner.step(tokens[:, column : column + 1], past)
+        passes.append((logits, past))
+    return passes
 
 
-def smoke_parity(bundle: Bundle, model: PrefixConditioningVLM, pixel_values: np.ndarray, steps: int = 2) -> list[Measurement]:
-    """fp32 bundle vs the (merged) PyTorch model: activations ≤ 1e-4, logits ≤ 1e-3 max abs."""
-    hidden, prefix = torch_components(model, pixel_values)
-    return [
-        Measurement("vision_encoder", "last_hidden_state", "max_abs", max_abs(hidden, bundle.vision(pixel_values)), ACTIVATION_TOLERANCE),
-        Measurement("projection", "projected_prefix", "max_abs", max_abs(prefix, bundle.project(hidden)), ACTIVATION_TOLERANCE),
-        *decode_measurements(bundle, model, prefix, steps, LOGITS_TOLERANCE, ACTIVATION_TOLERANCE),
+def greedy_tokens(runner: Runner, prefix: np.ndarray, steps: int) -> np.ndarray:
+    """The runner's own greedy choices for `steps` cached steps, [batch, steps]."""
+    logits, past = runner.first_pass(prefix)
+    chosen = []
+    for _ in range(steps):
+        chosen.append(logits[:, -1].argmax(-1))
+        logits, past = runner.step(chosen[-1][:, None].astype(np.int64), past)
+    return np.stack(chosen, 1).astype(np.int64) if chosen else np.zeros((prefix.shape[0], 0), np.int64)
+
+
+def smoke_parity(reference: Runner, candidate: Runner, pixel_values: np.ndarray, layout: str, steps: int = 2) -> list[Measurement]:
+    """Max abs error per component, both sides fed the reference's inputs and greedy tokens:
+    activations ≤ 1e-4, logits ≤ 1e-3."""
+    hidden = reference.vision(pixel_values)
+    prefix = reference.project(hidden)
+    out = [
+        Measurement("vision_encoder", "last_hidden_state", "max_abs", max_abs(hidden, candidate.vision(pixel_values)), ACTIVATION_TOLERANCE),
+        Measurement("projection", "projected_prefix", "max_abs", max_abs(prefix, candidate.project(hidden)), ACTIVATION_TOLERANCE),
     ]
+    tokens = greedy_tokens(reference, prefix, steps)
+    first, later = ("prefix_init", "language_model") if layout == "distilvit" else ("decoder", "decoder")
+    passes = zip(decode_passes(reference, prefix, tokens), decode_passes(candidate, prefix, tokens))
+    for i, ((ref_logits, ref_past), (got_logits, got_past)) in enumerate(passes):
+        name = first if i == 0 else f"{later} step {i}"
+        present = max(map(max_abs, ref_past, got_past), default=0.0) if len(ref_past) == len(got_past) else float("inf")
+        out.append(Measurement(name, "logits", "max_abs", max_abs(ref_logits, got_logits), LOGITS_TOLERANCE))
+        out.append(Measurement(name, "present.*", "max_abs", present, ACTIVATION_TOLERANCE))
+    return out

@@ -1,0 +1,16 @@
+"""The calls every model runner offers: the ONNX bundle and the PyTorch reference alike."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Runner(Protocol):
+    """What both `runtime.bundle.Bundle` and `validate.reference.TorchRunner` offer."""
+
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray: ...
+    def project(self, hidden: np.ndarray) -> np.ndarray: ...
+    def first_pass(self, prefix: np.ndarray, input_ids: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]: ...
+    def step(self, input_ids: np.ndarray, past: list[np.ndarray], position_offset: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]: ...
