@@ -250,3 +250,17 @@ def test_smoke_parity_failure_exits_1_and_writes_nothing(make_checkpoint, tmp_pa
     assert code == 1
     assert "projection" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_graphs_over_the_size_limit_use_external_data_listed_in_the_manifest(make_checkpoint, tmp_path: Path, monkeypatch) -> None:
+    import vlmexport.exporter.onnx_io as onnx_io
+
+    monkeypatch.setattr(onnx_io, "TWO_GB", 100_000)  # every tiny decoder graph is "over the limit"
+    out = tmp_path / "onnx"
+    export_bundle(make_checkpoint("tiny"), out, layout="compact")
+    files = json.loads((out / MANIFEST_NAME).read_text())["files"]
+    assert "decoder/model.onnx_data" in files and files["decoder/model.onnx_data"]["size"] > 100_000
+    assert (out / "decoder" / "model.onnx").stat().st_size < 100_000
+    assert "projection.onnx_data" not in files  # small graphs stay single files
+    bundle = open_bundle(out)
+    assert bundle.first_pass(bundle.prefix(np.zeros((1, 3, 32, 32), np.float32)))[0].shape[1] == 1

@@ -78,11 +78,12 @@ def export(
             model_dir, output_dir, layout, opset, force=force, verify=not no_verify, allow_pickle=allow_pickle,
             on_step=lambda message: bar.update(task, description=message),
         )
-    table = Table("file", "MB", title=f"{result.layout} bundle → {result.path}")
+    table = Table("file", "MB", "parameters", title=f"{result.layout} bundle → {result.path}")
     for name, size in result.files.items():
-        table.add_row(name, f"{size / 1e6:.2f}")
-    table.add_row("bundle total", f"{result.bundle_bytes / 1e6:.2f}")
-    table.add_row("parameters (fp32)", f"{result.parameter_bytes / 1e6:.2f}")
+        component = "decoder" if name.startswith(("prefix_init", "language_model", "decoder")) else name.split("/")[0].removesuffix(".onnx")
+        table.add_row(name, f"{size / 1e6:.2f}", f"{result.parameters.get(component, 0):,}")
+    table.add_row("bundle total (with tokenizer, configs)", f"{result.bundle_bytes / 1e6:.2f}", "")
+    table.add_row("all parameters at fp32", f"{result.parameter_bytes / 1e6:.2f}", f"{sum(result.parameters.values()):,}")
     out.print(table)
     if result.smoke:
         worst = max(result.smoke, key=lambda m: m.value / m.tolerance)

@@ -198,8 +198,10 @@ def export_bundle(
         manifest.variants["fp32"] = dict(files)
         for name, relative in files.items():
             manifest.describe_file(tmp, relative, component=name, variant="fp32", **signature(tmp / relative))
-        for path in sorted(p for p in tmp.iterdir() if p.is_file() and p.name not in manifest.files):
-            manifest.describe_file(tmp, path.name)
+        # Side files, and any `<graph>.onnx_data` written for graphs over 2 GB.
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            if path.relative_to(tmp).as_posix() not in manifest.files:
+                manifest.describe_file(tmp, path.relative_to(tmp).as_posix())
         manifest.write(tmp)
         smoke: list[Measurement] = []
         if verify:
