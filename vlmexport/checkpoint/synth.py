@@ -17,8 +17,9 @@ from vlmexport.checkpoint.save import save_checkpoint
 from vlmexport.checkpoint.tokenizer import word_tokenizer
 from vlmexport.errors import UsageError
 from vlmexport.fsutil import atomic_output_dir
+from vlmexport.resources import configs_dir
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "presets"
+PRESET_DIR = configs_dir() / "presets"
 
 
 @dataclass(frozen=True)
