@@ -1,11 +1,16 @@
-# Every target installs what it needs on first use (a fresh machine needs only python3).
+# Every target installs what it needs on first use (a fresh machine needs only python3 and make;
+# web/install-deps.sh brings Node.js, Debian's Chromium and the pinned npm packages for the web tests).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+VLM := $(VENV)/bin/vlmexport
 STAMP := $(VENV)/.installed
 OUT := out
+SHAPES := examples/shapes/model
+IMAGES := examples/shapes/images
+BUNDLE := $(OUT)/shapes-onnx
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,18 +23,32 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
+	bash web/install-deps.sh
 	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vlmexport tests bench examples
 
+# The whole pipeline on the bundled example: export → int8 → check both variants → captions → bench.
 demo: $(STAMP)
-	rm -rf $(OUT)/shapes-merged
-	$(VENV)/bin/vlmexport merge --model-dir examples/shapes/model --output-dir $(OUT)/shapes-merged
-	$(VENV)/bin/vlmexport caption --backend torch --model-dir $(OUT)/shapes-merged examples/shapes/images/000.png examples/shapes/images/001.png examples/shapes/images/002.png
+	$(VLM) export --model-dir $(SHAPES) --output-dir $(BUNDLE) --force
+	$(VLM) quantize --onnx-dir $(BUNDLE) --mode int8
+	$(VLM) check --onnx-dir $(BUNDLE) --model-dir $(SHAPES) --images $(IMAGES)
+	$(VLM) check --onnx-dir $(BUNDLE) --model-dir $(SHAPES) --images $(IMAGES) --variant int8
+	$(VLM) caption --onnx-dir $(BUNDLE) --variant int8 $(IMAGES)/000.png $(IMAGES)/001.png $(IMAGES)/002.png $(IMAGES)/003.png
+	$(VLM) bench --onnx-dir $(BUNDLE) --model-dir $(SHAPES) --variants fp32,int8 --tokens 12
+
+serve: $(STAMP)
+	bash web/install-deps.sh
+	$(VLM) export --model-dir $(SHAPES) --output-dir $(BUNDLE) --force
+	$(VLM) quantize --onnx-dir $(BUNDLE) --mode int8
+	$(VLM) serve --onnx-dir $(BUNDLE) --port 8000
 
 bench: $(STAMP)
 	$(PY) bench/export_bench.py
+	$(PY) bench/check_bench.py
+	$(PY) bench/quantize_bench.py
+	$(PY) bench/caption_bench.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

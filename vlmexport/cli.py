@@ -116,25 +116,221 @@ def inspect(onnx_dir: Annotated[Path, typer.Argument(help="bundle folder")]) -> 
 @app.command()
 def caption(
     images: Annotated[list[Path], typer.Argument(help="image files")],
+    onnx_dir: Annotated[Path | None, typer.Option("--onnx-dir", help="ONNX bundle folder (onnx backend)")] = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="bundle variant: fp32 (default), int8, ...")] = None,
     model_dir: Annotated[Path | None, typer.Option("--model-dir", help="checkpoint folder (torch backend)")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="torch")] = "torch",
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="default: config max_length")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="onnx or torch (default: whichever folder is given)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="default: the model's max_length")] = None,
+    num_beams: Annotated[int, typer.Option("--num-beams", help="beam search with N beams")] = 1,
+    length_penalty: Annotated[float | None, typer.Option("--length-penalty", help="beam score / length**P (default 1.0)")] = None,
+    early_stopping: Annotated[str | None, typer.Option("--early-stopping", help="beam search: true, false (default) or never")] = None,
+    no_repeat_ngram_size: Annotated[int, typer.Option("--no-repeat-ngram-size", help="never repeat an n-gram of this size")] = 0,
+    do_sample: Annotated[bool, typer.Option("--do-sample", help="sample instead of taking the most likely token")] = False,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="sampling temperature (default 1.0)")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="sample among the K most likely tokens")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="sample among the most likely tokens of total probability P")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="sampling seed (same seed, same captions)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Caption images with the PyTorch reference model (greedy).
+    """Caption images with an ONNX bundle or the PyTorch model: greedy, beam search or sampling.
 
-    Example: vlmexport caption --backend torch --model-dir ckpt photo.jpg
+    Example: vlmexport caption --onnx-dir onnx --variant int8 --num-beams 3 photo.jpg
     """
     from vlmexport.checkpoint.caption import caption_images_torch
+    from vlmexport.checkpoint.generate import options_from_flags
     from vlmexport.errors import UsageError
+    from vlmexport.runtime.caption import caption_images
 
-    if backend != "torch":
-        raise UsageError(f"unknown backend {backend!r}", "use --backend torch")
-    if model_dir is None:
-        raise UsageError("--backend torch needs --model-dir", "pass --model-dir pointing at the checkpoint")
-    captions = caption_images_torch(model_dir, images, max_new_tokens, allow_pickle)
+    if onnx_dir is not None and model_dir is not None:
+        raise UsageError("--onnx-dir and --model-dir select two different backends", "pass only one of them")
+    backend = backend or ("onnx" if onnx_dir is not None else "torch")
+    if backend not in ("onnx", "torch"):
+        raise UsageError(f"unknown backend {backend!r}", "use --backend onnx or --backend torch")
+    if (backend == "onnx") != (onnx_dir is not None) or (backend == "torch" and model_dir is None):
+        raise UsageError(f"--backend {backend} needs --{'onnx' if backend == 'onnx' else 'model'}-dir", "pass the folder of that backend")
+    if backend == "torch" and variant is not None:
+        raise UsageError("--variant selects a bundle variant", "use it with --onnx-dir")
+    options = options_from_flags(
+        max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        top_p=top_p, seed=seed, length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
+    )
+    if onnx_dir is not None:
+        captions = caption_images(onnx_dir, images, variant or "fp32", options)
+    else:
+        captions = caption_images_torch(model_dir, images, options, allow_pickle)
     _print_captions(images, captions, as_json)
+
+
+@app.command()
+def check(
+    onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder")] = Path("onnx"),
+    model_dir: Annotated[Path | None, typer.Option("--model-dir", help="checkpoint the bundle was exported from (default reference: the bundle's fp32)")] = None,
+    variant: Annotated[str, typer.Option("--variant", help="fp32, int8, uint8, fp16 or q4")] = "fp32",
+    profile: Annotated[str | None, typer.Option("--profile", help="tolerance profile in configs/tolerances/ (default: the variant's)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="tolerance profile TOML file")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="folder of images (default: bundled samples)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="caption length (default: max_length)")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the JSON report here")] = None,
+) -> None:
+    """Prove a bundle says what its reference says: files, every component at batch 1 and 3, captions.
+
+    Exit 0: pass; 1: parity failure; 2: usage or integrity error.
+    Example: vlmexport check --onnx-dir onnx --model-dir ckpt --json report.json
+    """
+    from rich import box
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from vlmexport.errors import UsageError
+    from vlmexport.validate.check import check_bundle
+    from vlmexport.validate.profiles import load_profile, profile_named
+    from vlmexport.validate.report import table_rows, write_error_report, write_report
+
+    try:
+        if profile and config:
+            raise UsageError("--profile and --config were both given", "pass one: a profile name or a TOML file")
+        if json_path is not None and not json_path.resolve().parent.is_dir():
+            raise UsageError(f"--json {json_path}: folder {json_path.resolve().parent} does not exist", "create it or pick another path")
+        chosen = load_profile(config) if config else profile_named(profile) if profile else None
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as bar:
+            task = bar.add_task("check", total=None)
+            report = check_bundle(
+                onnx_dir, model_dir, variant, chosen, images, max_new_tokens, on_step=lambda message: bar.update(task, description=message)
+            )
+    except VlmExportError as exc:
+        if json_path is not None and json_path.resolve().parent.is_dir():
+            write_error_report(exc, json_path)  # never leave an earlier run's verdict for CI to read
+        raise
+    wide = out.width >= 110  # which batch/step gave the worst value: a column only where it fits
+    table = Table("component", "output", "metric", "value", "threshold", "result", *(["worst at"] if wide else []), box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
+    table.title = f"{report.variant} {report.layout} bundle vs {report.reference}, profile {report.profile.name}"
+    for row in table_rows(report):
+        result = "[green]pass[/green]" if row.passed else "[bold red]FAIL[/bold red]"
+        table.add_row(row.component, row.output, row.metric, row.shown_value, row.bound, result, *([row.where] if wide else []))
+    out.print(table)
+    for c in [c for c in report.captions if c.first_difference is not None][:5]:
+        out.print(f"{c.image}: differs at token {c.first_difference}: {c.reference_text!r} (reference) vs {c.candidate_text!r}", markup=False)
+    for note in report.notes:
+        out.print(f"note: {note}", markup=False, highlight=False)
+    if json_path is not None:
+        write_report(report, json_path)
+    out.print(f"{'PASS' if report.passed else 'FAIL'}: {report.summary()} ({report.seconds:.1f} s)", markup=False)
+    error = report.parity_error()
+    if error is not None:
+        raise error  # main maps it to exit code 1
+
+
+@app.command()
+def bench(
+    onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder")] = Path("onnx"),
+    model_dir: Annotated[Path | None, typer.Option("--model-dir", help="checkpoint the bundle was exported from")] = None,
+    variants: Annotated[str, typer.Option("--variants", help="comma-separated bundle variants, e.g. fp32,int8")] = "fp32",
+    tokens: Annotated[int, typer.Option("--tokens", help="tokens per caption (EOS ignored)")] = 30,
+    repeats: Annotated[int, typer.Option("--repeats", help="timed runs per measurement (median)")] = 3,
+    threads: Annotated[int | None, typer.Option("--threads", help="threads per backend (default: all cores)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """PyTorch eager and each ONNX variant side by side: load, vision, first pass, per-token decode, caption, RSS, size.
+
+    Example: vlmexport bench --onnx-dir onnx --model-dir ckpt --variants fp32,int8 --tokens 30
+    """
+    from dataclasses import asdict
+
+    from vlmexport.errors import UsageError
+    from vlmexport.runtime.bench import run_bench
+
+    if model_dir is None:
+        raise UsageError("bench compares against PyTorch and needs --model-dir", "pass the checkpoint the bundle was exported from")
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    with err.status(f"benchmarking pytorch, {', '.join(names)} (each in its own process)"):
+        report = run_bench(onnx_dir, model_dir, names, tokens, repeats, threads)
+    if as_json:
+        out.print_json(json.dumps(asdict(report)))
+        return
+    table = Table("backend", "load s", "vision ms", "first pass ms", "ms/token", "caption ms", "speed-up", "peak RSS MB (before load)", "size MB", "bound ms/token", "ms/token ÷ bound",
+                  title=f"batch 1, {report.prefix_length}-token prefix, {report.tokens} tokens, {report.threads} threads")
+    for r in report.rows:
+        table.add_row(r.backend, f"{r.load_s:.2f}", f"{r.vision_ms:.1f}", f"{r.first_pass_ms:.1f}", f"{r.decode_ms:.2f}", f"{r.caption_ms:.0f}", f"{r.speedup:.2f}×",
+                      f"{r.peak_rss_mb:.0f} ({r.base_rss_mb:.0f})", f"{r.size_mb:.1f}", f"{r.bound_ms:.2f}", f"{r.decode_ms / r.bound_ms:.2f}")
+    Console(width=max(out.width, 150)).print(table)  # one line per backend even on a narrow terminal
+    load = ", ".join(f"{x:.1f}" for x in report.load_average)
+    out.print(f"memory bandwidth {report.bandwidth_gbs:.1f} GB/s (numpy copy, read + write); bound = decoder weight bytes / bandwidth; load average {load}")
+
+
+@app.command()
+def serve(
+    onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder")] = Path("onnx"),
+    host: Annotated[str, typer.Option("--host", help="address to listen on; the default serves this machine only")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="port (0 picks a free one)")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="largest image POST /caption accepts")] = 20,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no request log")] = False,
+) -> None:
+    """Serve the browser demo (ONNX Runtime Web), the bundle, and POST /caption (Python runtime).
+
+    Example: vlmexport serve --onnx-dir onnx --port 8000
+    """
+    from vlmexport.serve.server import make_server
+
+    def log(line: str) -> None:
+        if not quiet:
+            err.print(line, markup=False, highlight=False)
+
+    server = make_server(onnx_dir, host, port, max_upload_bytes=int(max_upload_mb * 1e6), log=log)
+    for warning in server.warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"warning: listening on {host}: anyone who can reach it can use it (there is no authentication)", markup=False, highlight=False)
+    out.print(f"serving {onnx_dir}: demo page {server.url}/ · curl -F image=@photo.png {server.url}/caption · Ctrl-C stops", markup=False, highlight=False, soft_wrap=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        out.print("stopped")
+    finally:
+        server.server_close()
+
+
+@app.command()
+def quantize(
+    onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder (with its fp32 variant)")] = Path("onnx"),
+    mode: Annotated[str, typer.Option("--mode", help="int8, uint8 (unsigned weights, transformers.js style), fp16 or q4")] = "int8",
+    components: Annotated[list[str] | None, typer.Option("--components", help="component to quantize (repeatable; default: all)")] = None,
+    per_channel: Annotated[bool | None, typer.Option("--per-channel/--no-per-channel", help="int8/uint8 weight scales per output channel (default: measured choice per component)")] = None,
+    exclude_nodes: Annotated[list[str] | None, typer.Option("--exclude-nodes", help="fnmatch pattern of node names kept in fp32 (repeatable)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace the variant if the bundle has it")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the parity check against fp32")] = False,
+    optimize: Annotated[bool, typer.Option("--optimize", help="apply the measured-good onnxruntime.transformers fusions first")] = False,
+) -> None:
+    """Write a quantized variant beside the fp32 graphs and check it against fp32 (exit 1 if it fails).
+
+    Example: vlmexport quantize --onnx-dir onnx --mode int8
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from vlmexport.quantize.quantize import quantize_bundle
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("quantize", total=None)
+        report = quantize_bundle(
+            onnx_dir, mode, components or None, per_channel, exclude_nodes or None, force=force, verify=not no_verify,
+            optimize=optimize, on_step=lambda message: bar.update(task, description=message),
+        )  # fmt: skip
+    table = Table("file", "fp32 MB", f"{mode} MB", "ratio", title=f"{mode} variant → {report.bundle}")
+    for row in report.rows:
+        table.add_row(row.variant_path, f"{row.fp32_bytes / 1e6:.2f}", f"{row.variant_bytes / 1e6:.2f}", f"{row.ratio:.3f}")
+    table.add_row("total", f"{report.fp32_bytes / 1e6:.2f}", f"{report.variant_bytes / 1e6:.2f}", f"{report.ratio:.3f}", style="bold")
+    out.print(table)
+    added = sorted({op for row in report.rows for op in row.new_ops})
+    out.print(f"ops beyond fp32 (listed per file in the manifest): {', '.join(added) or 'none'}", markup=False, highlight=False)
+    for r in [r for r in report.activation_ranges if not r.masking][:5]:
+        out.print(f"fp16 range: {r.component} {r.tensor} ({r.op_type}) peaks at {r.peak:.4g}, {r.fp16_fraction:.1%} of fp16's 65504{' → kept fp32' if r.hot else ''}", markup=False, highlight=False)
+    for note in report.notes:
+        out.print(f"note: {note}", markup=False, highlight=False)
+    out.print(f"done in {report.seconds:.1f} s")
+    if report.check is not None:
+        out.print(f"{'PASS' if report.check.passed else 'FAIL'} vs fp32: {report.check.summary()}", markup=False)
+        error = report.check.parity_error()
+        if error is not None:
+            raise error  # the variant stays, marked failed in the manifest; main exits 1
 
 
 def _print_captions(images: list[Path], captions: list[str], as_json: bool) -> None:

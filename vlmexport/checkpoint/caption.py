@@ -10,9 +10,10 @@ from vlmexport.checkpoint.preprocess import open_image
 
 
 def caption_images_torch(
-    model_dir: Path, images: list[Path], max_new_tokens: int | None = None, allow_pickle: bool = False
+    model_dir: Path, images: list[Path], options: DecodeOptions = DecodeOptions(), allow_pickle: bool = False
 ) -> list[str]:
-    """One caption per image, greedy, prefix-only (distilvit's generation).
+    """One caption per image, prefix-only (distilvit's generation); greedy unless `options` say
+    otherwise, up to the config's max_length unless `options.max_new_tokens` is set.
 
     Raises:
         ImageError: an image cannot be read (checked before the model loads).
@@ -20,6 +21,5 @@ def caption_images_torch(
     """
     opened = [open_image(p) for p in images]
     checkpoint = load_checkpoint(model_dir, allow_pickle)
-    options = DecodeOptions(max_new_tokens=max_new_tokens or checkpoint.config.max_length)
     tokens = generate_tokens(checkpoint.model, checkpoint.tokenizer, checkpoint.preprocessor(opened), options)
     return decode(checkpoint.tokenizer, tokens)

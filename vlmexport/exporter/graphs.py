@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from vlmexport.exporter.names import past_names, present_names
+
 BATCH = "batch_size"
 SEQ = "sequence_length"
 PAST = "past_sequence_length"
@@ -45,14 +47,6 @@ def decoder_shape(lm: PreTrainedModel) -> DecoderShape:
         embed_dim=int(lm.get_input_embeddings().weight.shape[1]),
         vocab_size=int(out.logits.shape[-1]),
     )
-
-
-def past_names(n: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
-
-
-def present_names(n: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
 
 
 class VisionGraph(nn.Module):

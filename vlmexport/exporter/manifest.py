@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmexport.errors import BundleError
+from vlmexport.fsutil import atomic_file
 
 MANIFEST_NAME = "vlmexport.json"
 SCHEMA_VERSION = 1
@@ -82,10 +83,16 @@ class Manifest:
         }
 
     def write(self, bundle_dir: Path) -> None:
-        (bundle_dir / MANIFEST_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        """Write vlmexport.json whole or not at all: `check` rewrites it inside a finished bundle."""
+        with atomic_file(bundle_dir / MANIFEST_NAME) as tmp:
+            tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
     def describe_file(self, bundle_dir: Path, relative: str, **extra: Any) -> None:
-        """Record a file's size and sha256 (and anything else given)."""
+        """Record a file's size and sha256 (and anything else given). The manifest never lists
+        itself: it changes after export (each check records its verdict in `checks`), so its own
+        hash would go stale and `verify_files` would reject a sound bundle."""
+        if relative == MANIFEST_NAME:
+            return
         path = bundle_dir / relative
         self.files[relative] = {"size": path.stat().st_size, "sha256": sha256_file(path), **extra}
 

@@ -9,8 +9,8 @@ import numpy as np
 import onnxruntime as ort
 
 from vlmexport.errors import BundleError
-from vlmexport.exporter.graphs import past_names
 from vlmexport.exporter.manifest import Manifest, read_manifest
+from vlmexport.exporter.names import past_names
 
 Past = list[np.ndarray]
 

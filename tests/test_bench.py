@@ -1,0 +1,96 @@
+"""bench: PyTorch and each ONNX variant side by side, each in its own process; errors exit 2."""
+# ruff: noqa: F811 — `export_tiny` is test_export's session fixture, imported to share its bundles
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_export import export_tiny  # noqa: F401
+
+from vlmexport.cli import main
+from vlmexport.exporter.manifest import read_manifest
+from vlmexport.runtime.bench import TORCH, memory_bandwidth, run_bench
+
+CHECKPOINT = "llama-siglip_vision_model-linear"
+
+
+def test_bench_rows_cover_pytorch_and_the_variant_with_consistent_numbers(export_tiny, make_checkpoint) -> None:
+    bundle = export_tiny("compact")
+    report = run_bench(bundle, make_checkpoint(CHECKPOINT), ["fp32"], tokens=3, repeats=1, threads=1, isolate=False)
+    assert [r.backend for r in report.rows] == [TORCH, "onnx fp32"]
+    assert report.tokens == 3 and report.prefix_length == 16 and report.threads == 1 and report.bandwidth_gbs > 0.1
+    torch_row, onnx_row = report.rows
+    assert torch_row.speedup == 1.0 and onnx_row.speedup == pytest.approx(torch_row.caption_ms / onnx_row.caption_ms)
+    for row in report.rows:
+        for name in ("load_s", "vision_ms", "first_pass_ms", "decode_ms", "caption_ms", "peak_rss_mb", "size_mb", "decoder_mb", "bound_ms"):
+            assert getattr(row, name) > 0, (row.backend, name)
+        assert row.bound_ms == pytest.approx(row.decoder_mb / 1e3 / report.bandwidth_gbs * 1e3)
+    manifest = read_manifest(bundle)
+    assert onnx_row.size_mb * 1e6 == sum(f["size"] for f in manifest.files.values() if f.get("variant") == "fp32")
+    # The decoder's fp32 weights, the tied head once, on both sides (the graph folds or adds a few constants).
+    decoder_params = manifest.model["parameters"]["decoder"]
+    assert torch_row.decoder_mb * 1e6 == 4 * decoder_params
+    assert onnx_row.decoder_mb * 1e6 == pytest.approx(4 * decoder_params, rel=0.05)
+
+
+def test_each_backend_runs_in_a_fresh_process_whose_peak_rss_is_its_own() -> None:
+    import os
+
+    from vlmexport.runtime import bench as bench_module
+
+    child_pid = bench_module._run(os.getpid, (), isolate=True)
+    child_peak = bench_module._run(bench_module._peak_rss_mb, (), isolate=True)
+    assert child_pid != os.getpid()
+    # This test process has torch and models loaded; a fresh interpreter has not.
+    assert 0 < child_peak < bench_module._peak_rss_mb()
+
+
+def _in_process(monkeypatch) -> None:
+    import vlmexport.runtime.bench as bench_module
+
+    real = bench_module.run_bench
+    monkeypatch.setattr(bench_module, "run_bench", lambda *args: real(*args, isolate=False))
+
+
+def test_bench_command_prints_json(export_tiny, make_checkpoint, capsys, monkeypatch) -> None:
+    _in_process(monkeypatch)
+    code = main(["bench", "--onnx-dir", str(export_tiny("distilvit")), "--model-dir", str(make_checkpoint(CHECKPOINT)), "--tokens", "2", "--repeats", "1", "--threads", "1", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["backend"] for r in report["rows"]] == [TORCH, "onnx fp32"]
+    for row in report["rows"]:
+        assert row["peak_rss_mb"] >= row["base_rss_mb"] > 0
+        assert row["caption_ms"] > 0 and row["speedup"] > 0
+
+
+def test_bench_table_names_every_column(export_tiny, make_checkpoint, capsys, monkeypatch) -> None:
+    _in_process(monkeypatch)
+    code = main(["bench", "--onnx-dir", str(export_tiny("compact")), "--model-dir", str(make_checkpoint(CHECKPOINT)), "--tokens", "2", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for word in ("pytorch", "onnx fp32", "vision ms", "first pass ms", "ms/token", "caption ms", "speed-up", "peak RSS MB", "bound ms/token", "memory bandwidth"):
+        assert word in out, word
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variants", "fp32,int8"], "variant 'int8' is not in this bundle"),
+        (["--tokens", "0"], "--tokens and --repeats must be at least 1"),
+    ],
+)
+def test_bad_bench_options_exit_2_before_anything_runs(export_tiny, make_checkpoint, capsys, args, message) -> None:
+    code = main(["bench", "--onnx-dir", str(export_tiny("compact")), "--model-dir", str(make_checkpoint(CHECKPOINT)), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_without_a_checkpoint_exits_2(export_tiny, capsys) -> None:
+    assert main(["bench", "--onnx-dir", str(export_tiny("compact"))]) == 2
+    assert "needs --model-dir" in capsys.readouterr().err
+
+
+def test_memory_bandwidth_is_a_plausible_rate() -> None:
+    rate = memory_bandwidth(threads=2, nbytes=32 << 20, repeats=2)
+    assert 1e8 < rate < 1e13  # bytes per second: between a slow disk and far beyond any DRAM

@@ -1,0 +1,256 @@
+"""`vlmexport serve`: POST /caption gives the Python runtime's caption, bad requests get a 4xx with a
+JSON error and the server goes on serving; static files come only from their roots, with the
+MIME types and cross-origin headers ONNX Runtime Web needs."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from serving import require, running_server
+
+from vlmexport.checkpoint.generate import DecodeOptions
+from vlmexport.cli import main
+from vlmexport.errors import BundleError, UsageError
+from vlmexport.exporter.export import export_bundle
+from vlmexport.exporter.manifest import read_manifest
+from vlmexport.runtime.caption import caption_images
+from vlmexport.samples import sample_images
+from vlmexport.serve.server import VENDOR, VlmServer, make_server
+
+BOUNDARY = "vlmexport-test-boundary"
+
+
+@pytest.fixture(scope="module")
+def bundle(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("serve") / "onnx"
+    export_bundle(make_checkpoint("serve"), out, layout="distilvit", verify=False)
+    (out / "notes.txt").write_text("a file in the bundle folder that the manifest does not list")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path) -> Iterator[VlmServer]:
+    with running_server(bundle) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("serve-images")
+    paths = []
+    for i, image in enumerate(sample_images(3, 48, seed=5)):
+        paths.append(folder / f"{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+def request(server: VlmServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, data) in files.items():
+        out.write(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode())
+        out.write(data + b"\r\n")
+    out.write(f"--{BOUNDARY}--\r\n".encode())
+    return out.getvalue(), {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+def post_caption(server: VlmServer, image: bytes, path: str = "/caption", **fields: str) -> tuple[int, dict]:
+    body, headers = multipart(fields, {"image": ("photo.png", image)})
+    status, _, data = request(server, "POST", path, body, headers)
+    return status, json.loads(data)
+
+
+def test_caption_equals_the_python_runtime_for_form_and_raw_uploads(server: VlmServer, bundle: Path, images: list[Path]) -> None:
+    expected = caption_images(bundle, images, batch_size=1)
+    assert len(set(expected)) > 1  # the images get different captions, so a mix-up would show
+    for path, caption in zip(images, expected):
+        status, body = post_caption(server, path.read_bytes())
+        assert status == 200 and body["caption"] == caption and body["variant"] == "fp32"
+        assert isinstance(body["tokens"], list) and body["seconds"] > 0
+    status, _, data = request(server, "POST", "/caption", images[0].read_bytes(), {"Content-Type": "image/png"})
+    assert status == 200 and json.loads(data)["caption"] == expected[0]
+
+
+def test_decoding_fields_in_the_form_or_query_reach_the_runtime(server: VlmServer, bundle: Path, images: list[Path]) -> None:
+    beams = caption_images(bundle, images[:1], options=DecodeOptions(num_beams=3, max_new_tokens=5))[0]
+    assert post_caption(server, images[0].read_bytes(), num_beams="3", max_new_tokens="5")[1]["caption"] == beams
+    assert post_caption(server, images[0].read_bytes(), path="/caption?num_beams=3&max_new_tokens=5")[1]["caption"] == beams
+    sampled = [post_caption(server, images[0].read_bytes(), do_sample="true", seed="4", temperature="2")[1]["caption"] for _ in range(2)]
+    assert sampled[0] == sampled[1]  # a seed fixes the draws
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "message"),
+    [
+        (b"this is not an image", {"Content-Type": "image/png"}, 400, "not a readable image"),
+        (b"", {"Content-Type": "image/png"}, 400, "empty body"),
+        (multipart({"note": "x"}, {})[0], multipart({}, {})[1], 400, "no image in the form"),
+        (multipart({}, {"image": ("x.txt", b"plain text")})[0], multipart({}, {})[1], 400, "not a readable image"),
+    ],
+    ids=["not-an-image", "empty", "form-without-image", "text-file-in-form"],
+)
+def test_bad_uploads_get_400_with_a_json_error_and_the_server_goes_on(server: VlmServer, images: list[Path], body: bytes, headers: dict, status: int, message: str) -> None:
+    got, response_headers, data = request(server, "POST", "/caption", body, headers)
+    assert got == status and response_headers["content-type"] == "application/json"
+    error = json.loads(data)
+    assert message in error["error"] and error.get("fix")
+    assert post_caption(server, images[0].read_bytes())[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"variant": "int8"}, "variant 'int8' is not in this bundle"),
+        ({"num_beams": "many"}, "num_beams='many' is not a number"),
+        ({"num_beams": "0"}, "num_beams must be at least 1"),
+        ({"top_p": "1.5", "do_sample": "1"}, "top_p must be in (0, 1]"),
+        ({"beams": "2"}, "unknown field(s) beams"),
+    ],
+)
+def test_bad_options_get_400_naming_the_problem(server: VlmServer, images: list[Path], fields: dict[str, str], message: str) -> None:
+    status, body = post_caption(server, images[0].read_bytes(), **fields)
+    assert status == 400 and message in body["error"], body
+
+
+def test_uploads_over_the_limit_get_413_without_being_read(server: VlmServer, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "max_upload_bytes", 100)
+    status, headers, data = request(server, "POST", "/caption", images[0].read_bytes(), {"Content-Type": "image/png"})
+    assert status == 413 and "over the 0.0001 MB limit" in json.loads(data)["error"]
+    assert headers.get("connection") == "close"  # the unread body must not be parsed as a request
+    monkeypatch.undo()
+    assert post_caption(server, images[0].read_bytes())[0] == 200
+
+
+def test_post_without_length_gets_411_and_other_paths_404(server: VlmServer) -> None:
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    connection.putrequest("POST", "/caption")
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders()
+    connection.send(b"0\r\n\r\n")
+    response = connection.getresponse()
+    assert response.status == 411 and "chunked" in json.loads(response.read())["error"]
+    connection.close()
+    status, _, data = request(server, "POST", "/upload", b"x", {"Content-Type": "image/png"})
+    assert status == 404 and "POST images to /caption" in json.loads(data)["fix"]
+
+
+def test_a_failure_inside_the_runtime_is_a_500_and_the_server_goes_on(server: VlmServer, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(server.service, "caption", broken)
+    status, body = post_caption(server, images[0].read_bytes())
+    assert status == 500 and body["error"] == "internal error (RuntimeError)"
+    monkeypatch.undo()
+    assert post_caption(server, images[0].read_bytes())[0] == 200
+
+
+def test_concurrent_requests_all_get_their_own_caption(server: VlmServer, bundle: Path, images: list[Path]) -> None:
+    expected = caption_images(bundle, images, batch_size=1)
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        results[i] = post_caption(server, images[i % len(images)].read_bytes())[1]["caption"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [results[i] for i in range(6)] == [expected[i % len(images)] for i in range(6)]
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/", "text/html; charset=utf-8"),
+        ("/web/prefix_vlm.js", "text/javascript; charset=utf-8"),
+        ("/web/decoding.js", "text/javascript; charset=utf-8"),
+        ("/bundle/vlmexport.json", "application/json"),
+        ("/bundle/tokenizer.json", "application/json"),
+        ("/bundle/language_model/model.onnx", "application/octet-stream"),
+    ],
+)
+def test_page_script_and_bundle_files_are_served_with_their_mime_type_and_isolation_headers(server: VlmServer, bundle: Path, path: str, content_type: str) -> None:
+    status, headers, data = request(server, "GET", path)
+    assert status == 200 and headers["content-type"] == content_type
+    assert headers["cross-origin-opener-policy"] == "same-origin" and headers["cross-origin-embedder-policy"] == "require-corp"
+    if path.startswith("/bundle/"):
+        assert data == (bundle / path.removeprefix("/bundle/")).read_bytes()
+
+
+def test_onnxruntime_web_and_the_tokenizer_come_from_node_modules_not_a_cdn(server: VlmServer) -> None:
+    require(all(root.is_dir() for root in VENDOR.values()), "web/node_modules (npm ci in web/)")
+    status, headers, data = request(server, "GET", "/vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm")
+    assert status == 200 and headers["content-type"] == "application/wasm" and data[:4] == b"\0asm"
+    for path in ("/vendor/onnxruntime-web/ort.wasm.bundle.min.mjs", "/vendor/tokenizers/tokenizers.min.mjs"):
+        status, headers, _ = request(server, "GET", path)
+        assert status == 200 and headers["content-type"] == "text/javascript; charset=utf-8"
+    _, _, page = request(server, "GET", "/")
+    assert b"https://" not in page and b"http://" not in page  # every import is local
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/bundle/notes.txt",  # in the folder, not in the manifest
+        "/bundle/../pyproject.toml",
+        "/bundle/%2e%2e/%2e%2e/pyproject.toml",
+        "/web/../pyproject.toml",
+        "/web/test/browser.mjs",
+        "/web/install-deps.sh",
+        "/web/package.json",
+        "/vendor/onnxruntime-web/../package.json",
+        "/vendor/tokenizers/",
+        "/etc/passwd",
+    ],
+)
+def test_nothing_outside_the_page_its_packages_and_the_manifest_is_served(server: VlmServer, path: str) -> None:
+    status, _, _ = request(server, "GET", path)
+    assert status == 404
+
+
+def test_make_server_refuses_a_folder_without_a_bundle_and_a_busy_port(server: VlmServer, tmp_path: Path, bundle: Path) -> None:
+    with pytest.raises(BundleError, match="vlmexport.json is missing"):
+        make_server(tmp_path, "127.0.0.1", 0)
+    with pytest.raises(UsageError, match="cannot listen on 127.0.0.1"):
+        make_server(bundle, "127.0.0.1", server.server_address[1])
+
+
+def test_serve_command_with_no_bundle_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--onnx-dir", str(tmp_path / "missing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_a_bundle_changed_while_serving_serves_its_new_manifest(server: VlmServer, bundle: Path) -> None:
+    # The manifest is read per request: a file a later quantize adds is served without a restart.
+    manifest = read_manifest(bundle)
+    extra = bundle / "extra.json"
+    try:
+        extra.write_text("{}")
+        assert request(server, "GET", "/bundle/extra.json")[0] == 404
+        manifest.describe_file(bundle, "extra.json")
+        manifest.write(bundle)
+        assert request(server, "GET", "/bundle/extra.json")[0] == 200
+    finally:
+        manifest.files.pop("extra.json", None)
+        manifest.write(bundle)
+        extra.unlink()

@@ -1,0 +1,172 @@
+"""The browser side: web/prefix_vlm.js under Node (onnxruntime-web, WebAssembly) gives the Python
+runtime's tokens, and the demo page in headless Chromium gives the Python runtime's caption.
+
+The shapes example is exported in both layouts, each with an int8 variant. Python computes the
+references (pixel values, greedy and beam-search tokens, captions, PIL resizes) into a JSON file
+that web/test/prefix_vlm.test.mjs checks; the browser test drives web/demo.html from a real
+`vlmexport serve` through web/test/browser.mjs. Node, Chromium and the npm packages come from
+web/install-deps.sh: missing, these tests skip on a developer's machine and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from serving import require, running_server
+
+from vlmexport.checkpoint.generate import DecodeOptions, decode
+from vlmexport.checkpoint.load import load_tokenizer
+from vlmexport.checkpoint.preprocess import open_image
+from vlmexport.exporter.export import export_bundle
+from vlmexport.quantize.quantize import quantize_bundle
+from vlmexport.runtime.bundle import open_bundle
+from vlmexport.runtime.caption import bundle_preprocessor, caption_images, caption_tokens
+from vlmexport.samples import sample_images
+
+REPO = Path(__file__).resolve().parents[1]
+WEB = REPO / "web"
+SHAPES = REPO / "examples" / "shapes"
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+VARIANTS = ("fp32", "int8")
+# (width, height, out width, out height): down, up, mixed, and both of Pillow 13's pass orders.
+RESIZES = [(64, 64, 32, 32), (50, 37, 224, 224), (300, 200, 224, 224), (17, 90, 33, 45), (100, 80, 100, 30), (9, 120, 40, 20)]
+
+
+@pytest.fixture(scope="module")
+def node() -> None:
+    """Node and the pinned npm packages (checked before any bundle is built)."""
+    require(shutil.which("node") is not None, "node")
+    packages = ("onnxruntime-web", "@huggingface/tokenizers", "playwright-core")
+    require(all((WEB / "node_modules" / p / "package.json").is_file() for p in packages), "web/node_modules (npm ci in web/)")
+
+
+@pytest.fixture(scope="module")
+def chromium(node: None) -> None:
+    require(CHROMIUM.is_file(), f"Chromium ({CHROMIUM})")
+
+
+def b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def shapes(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """(checkpoint, four images): the trained shapes example and its held-out images; the tiny
+    test checkpoint and drawn shapes when the example has not been built in this tree."""
+    model, held_out = SHAPES / "model", sorted((SHAPES / "images").glob("*.png"))[:4]
+    if (model / "config.json").is_file() and len(held_out) == 4:
+        return model, held_out
+    folder = tmp_path_factory.mktemp("shapes-images")
+    images = []
+    for i, image in enumerate(sample_images(4, 64, seed=3)):
+        images.append(folder / f"{i:03d}.png")
+        image.save(images[-1])
+    return make_checkpoint("web"), images
+
+
+@pytest.fixture(scope="module")
+def bundles(shapes: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Layout → bundle folder with fp32 and int8 variants."""
+    checkpoint, _ = shapes
+    root = tmp_path_factory.mktemp("web-bundles")
+    made = {}
+    for layout in ("distilvit", "compact"):
+        export_bundle(checkpoint, root / layout, layout=layout, verify=False)
+        quantize_bundle(root / layout, "int8", verify=False)
+        made[layout] = root / layout
+    return made
+
+
+def python_reference(bundle_dir: Path, variant: str, images: list[Path]) -> dict:
+    """What the Python runtime computes for these images: pixel values, tokens, captions.
+
+    One image per pass, as prefix_vlm.js runs them: int8 graphs quantize activations with one
+    scale per tensor, measured over the whole batch, so in a batch an image's int8 tokens
+    depend on the other images."""
+    bundle = open_bundle(bundle_dir, variant, threads=1)
+    pixels = bundle_preprocessor(bundle_dir)([open_image(p) for p in images])
+    greedy = caption_tokens(bundle, pixels, DecodeOptions(), batch_size=1)
+    return {
+        "name": f"{bundle_dir.name}-{variant}",
+        "dir": f"{bundle_dir}/",
+        "variant": variant,
+        "pixels": b64(pixels.astype(np.float32)),
+        "dims": list(pixels.shape),
+        "greedy": greedy,
+        "beam3": caption_tokens(bundle, pixels, DecodeOptions(num_beams=3), batch_size=1),
+        "captions": decode(load_tokenizer(bundle_dir), greedy),
+    }
+
+
+def resize_references() -> list[dict]:
+    """Random RGB images resized by PIL with every filter (what preprocess.js must reproduce)."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for width, height, out_w, out_h in RESIZES:
+        rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        for resample in range(6):
+            out = np.asarray(Image.fromarray(rgb).resize((out_w, out_h), resample=resample))
+            cases.append({"width": width, "height": height, "outWidth": out_w, "outHeight": out_h, "resample": resample, "rgb": b64(rgb), "out": b64(out)})
+    return cases
+
+
+def preprocess_references(bundle_dir: Path, images: list[Path]) -> dict:
+    """Decoded RGB of each image (and one with transparency) and the pixel values Python makes of it."""
+    preprocessor = bundle_preprocessor(bundle_dir)
+    rgba = np.asarray(Image.open(images[0]).convert("RGBA")).copy()
+    rgba[..., 3] = np.arange(rgba.shape[1], dtype=np.uint8)[None, :] * 4  # a transparency ramp
+    cases = []
+    for raw in [np.asarray(open_image(p).convert("RGB")) for p in images] + [rgba]:
+        pixels = preprocessor([Image.fromarray(raw)])[0]
+        cases.append({"data": b64(raw), "width": raw.shape[1], "height": raw.shape[0], "channels": raw.shape[2], "pixels": b64(pixels)})
+    return {"config": json.loads((bundle_dir / "preprocessor_config.json").read_text()), "cases": cases}
+
+
+def run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def test_prefix_vlm_in_node_gives_python_tokens_for_both_layouts_fp32_and_int8(node, bundles, shapes, tmp_path: Path) -> None:
+    _, images = shapes
+    fixture = {
+        "bundles": [python_reference(bundles[layout], variant, images) for layout in bundles for variant in VARIANTS],
+        "resize": resize_references(),
+        "preprocess": preprocess_references(bundles["distilvit"], images),
+    }
+    # A bundle where one variant's token sequences vary across images proves the comparison can fail.
+    assert any(len({tuple(t) for t in case["greedy"]}) > 1 for case in fixture["bundles"])
+    path = tmp_path / "fixture.json"
+    path.write_text(json.dumps(fixture))
+    done = run(["node", "--test", "--test-reporter=tap", "test/prefix_vlm.test.mjs"], 240, cwd=WEB, env={**os.environ, "VLM_WEB_FIXTURE": str(path)})
+    counts = {key: int(value) for key, value in re.findall(r"^# (pass|fail|skipped) (\d+)$", done.stdout, re.M)}
+    assert counts.get("fail") == 0 and counts.get("skipped") == 0 and counts.get("pass", 0) >= 4 + len(fixture["bundles"]), done.stdout[-3000:]
+
+
+def test_demo_page_in_chromium_captions_like_python_fp32_and_int8(chromium, bundles, shapes) -> None:
+    _, images = shapes
+    bundle = bundles["distilvit"]
+    with running_server(bundle) as server:
+        for variant in VARIANTS:
+            done = run(["node", "test/browser.mjs", "--url", f"{server.url}/", "--variant", variant, "--image", str(images[0]), "--compare"], 180, cwd=WEB)
+            page = json.loads(done.stdout)
+            expected = caption_images(bundle, [images[0]], variant)[0]
+            (result,) = page["results"]
+            assert result["caption"] == expected, (variant, result, expected)
+            assert result["shown"] == expected  # what the page displays, not only what it computed
+            assert result["python"]["caption"] == expected  # the page's own POST /caption round trip
+            assert result["tokens"] == result["python"]["tokens"]
+            assert page["crossOriginIsolated"] is True  # COOP/COEP served: threads would be possible
+            assert set(result["timings"]) >= {"preprocess", "vision", "projection", "firstPass", "steps", "tokenizer", "total"}
+            assert not [m for m in page["messages"] if m.startswith(("error", "pageerror"))], page["messages"]

@@ -1,0 +1,106 @@
+"""fp16: weights and compute in float16, graph inputs and outputs kept float32.
+
+Conversion is onnxruntime.transformers' `convert_float_to_float16` (keep_io_types, so callers
+and the KV cache feeds stay float32). What stays float32 is decided by measurement:
+
+- every node whose float32 output, measured on real inputs (`activation_ranges`), comes within
+  `HEADROOM`× of the float16 limit (65504): a model that overflows there gives inf/NaN, not a
+  slightly different caption (attention masks' float32-minimum constants excepted, see `masking`);
+- `ALWAYS_FP32_OPS`: op types measured to need it on every model (see the module docstring of
+  vlmexport.quantize for the numbers behind the choice).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.transformers.float16 import convert_float_to_float16
+
+from vlmexport.quantize.integer import quiet_root_logger
+
+FP16_MAX = 65504.0
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# A node's measured peak may be exceeded by other images; 8× keeps a margin of 3 bits.
+HEADROOM = 8.0
+ALWAYS_FP32_OPS: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ActivationRange:
+    """The largest magnitude one node output reached in float32, over the measured inputs."""
+
+    component: str
+    tensor: str
+    op_type: str
+    peak: float
+
+    @property
+    def masking(self) -> bool:
+        """float32's extreme value, which attention masks add on purpose: the converter clamps it to
+        -65504, which masks just as well, so it is no reason to keep a node in float32."""
+        return self.peak >= FLOAT32_MAX * 0.99
+
+    @property
+    def hot(self) -> bool:
+        """Within HEADROOM of overflowing float16 (and not a mask)."""
+        return not self.masking and self.peak * HEADROOM >= FP16_MAX
+
+    @property
+    def fp16_fraction(self) -> float:
+        """How much of float16's range the peak uses (≥ 1 overflows)."""
+        return self.peak / FP16_MAX
+
+
+class _Feeds:
+    """A calibration data reader over recorded feeds (onnxruntime's reader protocol)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.items: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.items, None)
+
+
+def activation_ranges(model_path: Path, component: str, feeds: list[dict[str, np.ndarray]]) -> list[ActivationRange]:
+    """Peak |value| of every float node output of the float32 graph on `feeds`, largest first.
+
+    Uses onnxruntime's MinMax calibrator, which adds a ReduceMin/ReduceMax per tensor: the
+    peaks come back as scalars, so memory stays that of one normal run.
+    """
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    with tempfile.TemporaryDirectory(prefix="vlmexport-ranges-") as tmp, quiet_root_logger():
+        calibrator = create_calibrator(
+            model_path, augmented_model_path=str(Path(tmp) / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax
+        )
+        calibrator.collect_data(_Feeds(feeds))
+        data = calibrator.compute_data()
+    ranges = []
+    for name, tensor in data.data.items():
+        if name not in producers:
+            continue  # graph inputs: float32 by contract
+        low, high = (float(np.asarray(v).max()) if i else float(np.asarray(v).min()) for i, v in enumerate(tensor.range_value))
+        ranges.append(ActivationRange(component, name, producers[name], max(abs(low), abs(high))))
+    return sorted(ranges, key=lambda r: -r.peak)
+
+
+def convert_fp16(model: onnx.ModelProto, ranges: list[ActivationRange], exclude: list[str]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The float16 form of `model`, with measured-hot nodes, `ALWAYS_FP32_OPS` and `exclude` in float32."""
+    hot = {r.tensor for r in ranges if r.hot}
+    keep = sorted({n.name for n in model.graph.node if hot & set(n.output) or n.op_type in ALWAYS_FP32_OPS} | set(exclude))
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+    record = {
+        "method": "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types)",
+        "fp32_nodes": len(keep),
+        "fp32_reason": f"peak ≥ 1/{HEADROOM:g} of 65504 measured ({len(hot)} outputs), ops {list(ALWAYS_FP32_OPS)}, excluded {len(exclude)}",
+        "peak_activation": max((r.peak for r in ranges if not r.masking), default=0.0),
+    }
+    return converted, record

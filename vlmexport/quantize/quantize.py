@@ -1,0 +1,289 @@
+"""`quantize`: write an int8 / uint8 / fp16 / q4 variant of a bundle beside its fp32 graphs, then check it.
+
+Each component's fp32 graph is read (never written), quantized by onnxruntime's tools
+(integer.py, fp16.py, q4.py), staged in a hidden folder inside the bundle, and only then
+moved into place together with the updated manifest: a run that fails leaves the bundle as
+it was. A variant that is written but fails its parity check is kept, marked failed in the
+manifest (`checks[variant].passed = false`), so it can be inspected and re-checked — a
+runtime that honours the manifest never picks it, and `quantize --force` replaces it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from vlmexport.errors import BundleError, UsageError
+from vlmexport.exporter.manifest import Manifest, read_manifest, variant_path, verify_files
+from vlmexport.exporter.onnx_io import TWO_GB, signature
+from vlmexport.quantize import fp16, integer, q4
+from vlmexport.quantize.optimize import optimize_graph
+
+MODES = ("int8", "uint8", "fp16", "q4")
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """One component's graph: the fp32 file and the variant written beside it."""
+
+    component: str
+    fp32_path: str
+    variant_path: str
+    fp32_bytes: int
+    variant_bytes: int
+    ops: tuple[str, ...]
+    new_ops: tuple[str, ...]  # ops the fp32 graph does not use: what a runtime must add for this variant
+    settings: dict[str, Any]
+
+    @property
+    def ratio(self) -> float:
+        return self.variant_bytes / self.fp32_bytes if self.fp32_bytes else 0.0
+
+
+@dataclass
+class QuantizeReport:
+    """What `quantize_bundle` wrote, how big it is against fp32, and how its check went."""
+
+    bundle: Path
+    mode: str
+    rows: list[FileRow]
+    seconds: float = 0.0
+    check: Any = None  # vlmexport.validate.report.CheckReport, None with verify=False
+    activation_ranges: list[fp16.ActivationRange] = field(default_factory=list)  # fp16 only
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fp32_bytes(self) -> int:
+        return sum(r.fp32_bytes for r in self.rows)
+
+    @property
+    def variant_bytes(self) -> int:
+        return sum(r.variant_bytes for r in self.rows)
+
+    @property
+    def ratio(self) -> float:
+        return self.variant_bytes / self.fp32_bytes if self.fp32_bytes else 0.0
+
+    @property
+    def passed(self) -> bool | None:
+        """True/False from the check, None when it was not run."""
+        return None if self.check is None else bool(self.check.passed)
+
+
+def quantize_bundle(
+    onnx_dir: Path,
+    mode: str = "int8",
+    components: list[str] | None = None,
+    per_channel: bool | None = None,
+    exclude_nodes: list[str] | None = None,
+    force: bool = False,
+    verify: bool = True,
+    optimize: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> QuantizeReport:
+    """Write the `mode` variant of the bundle at `onnx_dir` and (unless `verify` is False) check it
+    against the bundle's fp32 variant with the `mode` tolerance profile.
+
+    `components` limits which graphs are quantized; the others are the variant's through their
+    fp32 files. `per_channel` overrides the measured per-component choice (int8/uint8 only).
+    `exclude_nodes` are fnmatch patterns of node names kept in float32. A failing check does
+    not raise: `report.passed` is False and the manifest says so.
+
+    Raises:
+        UsageError: unknown mode or component, a flag that does not apply to the mode, a pattern
+            that matches no node, or the variant already present without `force`.
+        BundleError: no bundle or no fp32 variant at `onnx_dir`, fp32 files that do not match
+            the manifest, a bundle folder that cannot be written, or a variant graph that ONNX
+            Runtime cannot load (nothing is written in all these cases).
+        VlmExportError: whatever `check_bundle` raises when the check cannot run (no profile
+            for the mode, unreadable images); the variant is then written but has no verdict.
+    """
+    started = time.perf_counter()
+    step = on_step or (lambda message: None)
+    onnx_dir = Path(onnx_dir)
+    manifest = _fp32_manifest(onnx_dir)
+    selected = _check_arguments(manifest, mode, components, per_channel, force)
+    fp32_files = manifest.variants["fp32"]
+    step("verifying the fp32 files")
+    verify_files(onnx_dir, manifest, only=list(fp32_files.values()))
+    excluded = _match_patterns({name: _node_names(onnx_dir / fp32_files[name]) for name in selected}, exclude_nodes or [])
+    report = QuantizeReport(onnx_dir, mode, [])
+    if mode == "fp16":
+        step("measuring activation ranges (fp32)")
+        report.activation_ranges = _ranges(onnx_dir, manifest, selected)
+    unfused: list[str] = []
+    with _staging(onnx_dir, mode) as stage:
+        for name in selected:
+            step(f"{mode}: {name}")
+            model = onnx.load(str(onnx_dir / fp32_files[name]))  # one graph in memory at a time
+            fp32_ops = _ops(model)
+            model, fused = optimize_graph(model, name) if optimize else (model, False)
+            ranges = [r for r in report.activation_ranges if r.component == name]
+            quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges)
+            if fused:
+                settings["optimized"] = "onnxruntime.transformers fusions (see vlmexport.quantize.optimize)"
+            elif optimize:
+                unfused.append(name)
+            relative = variant_path(fp32_files[name], mode)
+            _save(quantized, stage / relative)
+            _loads_in_onnxruntime(stage / relative)
+            sizes = (_size(onnx_dir / fp32_files[name]), _size(stage / relative))
+            report.rows.append(FileRow(name, fp32_files[name], relative, *sizes, _ops(quantized), tuple(sorted(set(_ops(quantized)) - set(fp32_ops))), settings))
+        if unfused:
+            report.notes.append(f"--optimize: no fusion is measured faster for {', '.join(unfused)} (see vlmexport/quantize/optimize.py); left as exported")
+        step("writing the manifest")
+        _commit(onnx_dir, stage, manifest, mode, report.rows)
+    if verify:
+        step(f"checking {mode} against fp32")
+        from vlmexport.validate.check import check_bundle
+
+        report.check = check_bundle(onnx_dir, model_dir=None, variant=mode, on_step=step)
+    else:
+        report.notes.append(f"not checked (--no-verify): run `vlmexport check --onnx-dir {onnx_dir} --variant {mode}`")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _fp32_manifest(onnx_dir: Path) -> Manifest:
+    manifest = read_manifest(onnx_dir)
+    if "fp32" not in manifest.variants:
+        raise BundleError(f"{onnx_dir} has no fp32 variant to quantize", "re-run `vlmexport export`")
+    return manifest
+
+
+def _check_arguments(manifest: Manifest, mode: str, components: list[str] | None, per_channel: bool | None, force: bool) -> list[str]:
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    available = list(manifest.variants["fp32"])
+    unknown = [c for c in components or [] if c not in available]
+    if unknown:
+        raise UsageError(f"unknown component(s) {', '.join(unknown)} for a {manifest.layout} bundle", f"use some of: {', '.join(available)}")
+    if per_channel is not None and mode not in integer.WEIGHT_TYPES:
+        raise UsageError(f"--per-channel/--no-per-channel apply to int8 and uint8, not {mode}", "drop the flag")
+    if mode in manifest.variants and not force:
+        raise UsageError(f"the bundle already has a {mode} variant", "pass --force to replace it")
+    return [c for c in available if components is None or c in components]
+
+
+@contextmanager
+def _staging(onnx_dir: Path, mode: str) -> Iterator[Path]:
+    """A hidden folder inside the bundle (same file system: moving out of it is a rename), removed after."""
+    try:
+        folder = tempfile.TemporaryDirectory(prefix=f".quantize-{mode}-", dir=onnx_dir)
+    except OSError as exc:
+        raise BundleError(f"cannot write into {onnx_dir} ({exc.strerror})", "quantize a bundle folder you can write to (or a copy of it)") from exc
+    with folder as path:
+        yield Path(path)
+
+
+def _node_names(path: Path) -> list[str]:
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def _match_patterns(nodes: dict[str, list[str]], patterns: list[str]) -> dict[str, list[str]]:
+    """Node names per component matching any pattern; a pattern matching nothing is an error."""
+    matched = {name: [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)] for name, names in nodes.items()}
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(node, pattern) for nodes in matched.values() for node in nodes):
+            raise UsageError(f"--exclude-nodes {pattern!r} matches no node name", "patterns are fnmatch-style over ONNX node names, e.g. '*lm_head*' or '/model/layers.0/*'")
+    return matched
+
+
+def _quantize(
+    model: onnx.ModelProto, mode: str, component: str, per_channel: bool | None, exclude: list[str], ranges: list[fp16.ActivationRange]
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    if mode in integer.WEIGHT_TYPES:
+        return integer.quantize_integer(model, mode, component, per_channel, exclude)
+    if mode == "fp16":
+        return fp16.convert_fp16(model, ranges, exclude)
+    return q4.quantize_q4(model, exclude)
+
+
+def _ranges(onnx_dir: Path, manifest: Manifest, selected: list[str]) -> list[fp16.ActivationRange]:
+    """Peak activations of each selected fp32 graph, fed what captioning sample images feeds it."""
+    from vlmexport.quantize.feeds import recorded_feeds
+
+    feeds = recorded_feeds(onnx_dir)
+    files = manifest.variants["fp32"]
+    ranges = [r for name in selected for r in fp16.activation_ranges(onnx_dir / files[name], name, feeds[name])]
+    return sorted(ranges, key=lambda r: -r.peak)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() >= TWO_GB:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + "_data")
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _loads_in_onnxruntime(path: Path) -> None:
+    from vlmexport.runtime.bundle import session
+
+    session(path)  # raises BundleError naming the file
+
+
+def _ops(model: onnx.ModelProto) -> tuple[str, ...]:
+    """Op types a graph uses, contrib ops with their domain (what a runtime must implement)."""
+    return tuple(sorted({f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node}))
+
+
+def _size(path: Path) -> int:
+    external = path.with_name(path.name + "_data")
+    return path.stat().st_size + (external.stat().st_size if external.is_file() else 0)
+
+
+def _commit(onnx_dir: Path, stage: Path, manifest: Manifest, mode: str, rows: list[FileRow]) -> None:
+    """Move the staged files into the bundle and write the manifest; on any error, undo the moves.
+
+    Files of a replaced variant (`--force`) are set aside first and deleted only at the end.
+    """
+    old = manifest.variants.get(mode, {})
+    stale = {rel for rel, info in manifest.files.items() if info.get("variant") == mode}
+    stale |= {rel for rel in old.values() if rel not in manifest.variants["fp32"].values()}
+    new_files = [p.relative_to(stage).as_posix() for p in sorted(stage.rglob("*")) if p.is_file()]
+    for rel in stale:
+        manifest.files.pop(rel, None)
+    manifest.variants[mode] = dict(manifest.variants["fp32"])
+    for row in rows:
+        manifest.variants[mode][row.component] = row.variant_path
+        manifest.describe_file(
+            stage, row.variant_path, component=row.component, variant=mode, **signature(stage / row.variant_path),
+            ops=list(row.ops), quantization=row.settings,
+        )  # fmt: skip
+    for rel in new_files:
+        if rel not in manifest.files:  # external data beside a >2 GB graph
+            manifest.describe_file(stage, rel, variant=mode)
+    manifest.checks.pop(mode, None)  # a verdict about the files being replaced
+    backup = stage / ".replaced"
+    moved: list[str] = []
+    set_aside: list[str] = []
+    try:
+        for rel in sorted(stale | set(new_files)):
+            if (onnx_dir / rel).exists():
+                (backup / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(onnx_dir / rel, backup / rel)
+                set_aside.append(rel)
+        for rel in new_files:
+            (onnx_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, onnx_dir / rel)
+            moved.append(rel)
+        manifest.write(onnx_dir)
+    except BaseException:
+        for rel in moved:
+            (onnx_dir / rel).unlink(missing_ok=True)
+        for rel in set_aside:
+            os.replace(backup / rel, onnx_dir / rel)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+

@@ -1,0 +1,245 @@
+"""`bench`: PyTorch eager and each ONNX variant side by side, on one image, a fixed token count.
+
+Each backend is measured in its own freshly spawned interpreter, one after the other, so its
+peak RSS (VmHWM) is its own and no backend runs while another is being timed. Times
+are medians over `repeats` runs after one warm-up run. Decoding ignores EOS: exactly
+`tokens` tokens are generated, so every backend does the same work.
+
+The per-token lower bound is what a decode step cannot beat on this machine: it must read
+every decoder weight once (the tied head included), so bound = decoder weight bytes /
+memory bandwidth, the bandwidth measured with large numpy copies on all threads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmexport.errors import UsageError
+
+TORCH = "pytorch"
+BANDWIDTH_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class BackendBench:
+    """One backend's numbers (times in ms unless named _s; sizes in MB)."""
+
+    backend: str
+    load_s: float
+    vision_ms: float  # vision encoder + projection
+    first_pass_ms: float  # the prefix through the decoder, cache filled
+    decode_ms: float  # one cached step, median over the steps
+    caption_ms: float  # pixels → `tokens` tokens
+    peak_rss_mb: float
+    base_rss_mb: float  # after imports, before loading: peak − base is what the model costs
+    size_mb: float  # files on disk: the variant's graphs, or the checkpoint's weights
+    decoder_mb: float  # weight bytes one decode step reads
+    bound_ms: float = 0.0  # decoder_mb / bandwidth
+    speedup: float = 0.0  # PyTorch caption_ms / caption_ms
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """Every backend's row and the conditions they were measured under."""
+
+    rows: list[BackendBench]
+    tokens: int
+    prefix_length: int
+    threads: int
+    bandwidth_gbs: float
+    load_average: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0))
+
+
+def run_bench(
+    onnx_dir: Path,
+    model_dir: Path,
+    variants: list[str] | None = None,
+    tokens: int = 30,
+    repeats: int = 3,
+    threads: int | None = None,
+    isolate: bool = True,
+) -> BenchReport:
+    """Measure PyTorch eager (LoRA merged) and each ONNX variant; see the module docstring.
+
+    `isolate=False` measures in this process (faster, for tests; peak RSS is then shared).
+
+    Raises:
+        UsageError: tokens or repeats < 1.
+        BundleError: no bundle, or a variant it does not have (checked before anything runs).
+        CheckpointError: the checkpoint cannot be loaded.
+    """
+    from vlmexport.exporter.manifest import read_manifest
+
+    if tokens < 1 or repeats < 1:
+        raise UsageError("--tokens and --repeats must be at least 1", "pass positive numbers")
+    manifest = read_manifest(Path(onnx_dir))
+    variants = variants or ["fp32"]
+    for variant in variants:
+        manifest.component_file("vision_encoder", variant)  # raises for a variant the bundle lacks
+    threads = threads or os.cpu_count() or 1
+    jobs: list[tuple[Callable[..., BackendBench], tuple[Any, ...]]] = [(measure_torch, (Path(model_dir), tokens, repeats, threads))]
+    jobs += [(measure_onnx, (Path(onnx_dir), variant, tokens, repeats, threads)) for variant in variants]
+    before = memory_bandwidth(threads=threads)
+    rows = [_run(job, args, isolate) for job, args in jobs]
+    bandwidth = max(before, memory_bandwidth(threads=threads))  # the machine's best: load varies over a run
+    reference = rows[0].caption_ms
+    rows = [replace(r, bound_ms=r.decoder_mb * 1e6 / bandwidth * 1e3, speedup=reference / r.caption_ms) for r in rows]
+    return BenchReport(rows, tokens, int(manifest.model["prefix_length"]), threads, bandwidth / 1e9, os.getloadavg())
+
+
+def _run(job: Callable[..., BackendBench], args: tuple[Any, ...], isolate: bool) -> BackendBench:
+    if not isolate:
+        return job(*args)
+    # spawn, not fork: a fresh interpreter, so peak RSS and thread pools start from nothing.
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet) as pool:
+        return pool.submit(job, *args).result()
+
+
+def _quiet() -> None:
+    # The child's stderr is the user's terminal: library deprecation warnings are noise there.
+    warnings.filterwarnings("ignore")
+
+
+def memory_bandwidth(threads: int = 1, nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
+    """Bytes per second moved by large array copies (read + write), `threads` at once; best of `repeats`."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    bounds = np.linspace(0, src.size, threads + 1).astype(int)
+    chunks = list(zip(bounds[:-1], bounds[1:]))
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL while copying
+        for _ in range(repeats):
+            started = time.perf_counter()
+            list(pool.map(lambda c: np.copyto(dst[c[0] : c[1]], src[c[0] : c[1]]), chunks))
+            best = min(best, time.perf_counter() - started)
+    return 2 * src.nbytes / best
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS in MB. Linux's VmHWM belongs to the process image (reset by exec);
+    ru_maxrss would carry over the peak of the parent that forked it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up: first runs allocate and pick kernels
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+def _step_ms(step: Callable[[np.ndarray], np.ndarray], first_token: np.ndarray, tokens: int) -> float:
+    """Median ms of the cached steps of one greedy run of `tokens` tokens."""
+    token, times = first_token, []
+    for _ in range(max(tokens - 1, 1)):
+        started = time.perf_counter()
+        token = step(token)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+def measure_onnx(onnx_dir: Path, variant: str, tokens: int, repeats: int, threads: int) -> BackendBench:
+    """One ONNX variant: the runtime's own loop (`runtime.generate`), EOS ignored."""
+    from vlmexport.checkpoint.generate import DecodeOptions
+    from vlmexport.exporter.onnx_io import initializer_bytes
+    from vlmexport.runtime.bundle import open_bundle
+    from vlmexport.runtime.caption import bundle_preprocessor
+    from vlmexport.runtime.generate import generate
+    from vlmexport.samples import sample_images
+
+    base = _peak_rss_mb()
+    started = time.perf_counter()
+    bundle = open_bundle(onnx_dir, variant, threads)
+    load_s = time.perf_counter() - started
+    preprocessor = bundle_preprocessor(onnx_dir)
+    pixels = preprocessor(sample_images(1, preprocessor.height))
+    prefix = bundle.prefix(pixels)
+    vision_ms = _median_ms(lambda: bundle.prefix(pixels), repeats)
+    first_ms = _median_ms(lambda: bundle.first_pass(prefix), repeats)
+    logits, past = bundle.first_pass(prefix)
+    state = {"past": past}
+
+    def step(token: np.ndarray) -> np.ndarray:
+        logits, state["past"] = bundle.step(token, state["past"])
+        return logits[:, -1].argmax(-1)[:, None]
+
+    decode_ms = _step_ms(step, logits[:, -1].argmax(-1)[:, None], tokens)
+    options = DecodeOptions(max_new_tokens=tokens)
+    caption_ms = _median_ms(lambda: generate(bundle, bundle.prefix(pixels), options, None, None), repeats)
+    peak = _peak_rss_mb()  # before reading the decoder graph below, which would add to it
+    manifest = bundle.manifest
+    step_graph = manifest.variants[variant]["decoder" if manifest.layout == "compact" else "language_model"]
+    decoder_bytes = initializer_bytes(onnx_dir / step_graph)
+    size = sum(info["size"] for info in manifest.files.values() if info.get("variant") == variant)
+    return BackendBench(f"onnx {variant}", load_s, vision_ms, first_ms, decode_ms, caption_ms, peak, base, size / 1e6, decoder_bytes / 1e6)
+
+
+def measure_torch(model_dir: Path, tokens: int, repeats: int, threads: int) -> BackendBench:
+    """PyTorch eager, LoRA merged (the fastest form of the model PyTorch offers without compiling):
+    transformers' `generate` with its own cache, EOS suppressed for exactly `tokens` tokens."""
+    import torch
+    from transformers import DynamicCache, GenerationConfig
+
+    from vlmexport.checkpoint.load import WEIGHTS_NAME, load_checkpoint
+    from vlmexport.checkpoint.merge import merged_model
+    from vlmexport.samples import sample_images
+
+    torch.set_num_threads(threads)
+    base = _peak_rss_mb()
+    started = time.perf_counter()
+    checkpoint = load_checkpoint(model_dir)
+    model = merged_model(checkpoint.model) if checkpoint.model.has_lora else checkpoint.model
+    load_s = time.perf_counter() - started
+    lm = model.causal_lm
+    pixels = torch.as_tensor(checkpoint.preprocessor(sample_images(1, checkpoint.preprocessor.height)))
+    config = GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, num_beams=1, eos_token_id=checkpoint.tokenizer.eos_token_id, pad_token_id=checkpoint.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        prefix = model.prefix_embeddings(pixels)
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long)
+
+        def first_pass() -> Any:
+            return lm(inputs_embeds=prefix, attention_mask=mask, cache=DynamicCache(config=lm.config), use_cache=True, logits_to_keep=1)
+
+        vision_ms = _median_ms(lambda: model.prefix_embeddings(pixels), repeats)
+        first_ms = _median_ms(first_pass, repeats)
+        out = first_pass()
+        cache = out.cache
+
+        def step(token: np.ndarray) -> np.ndarray:
+            length = cache.get_seq_length() + 1
+            logits = lm(input_ids=torch.as_tensor(token), attention_mask=torch.ones(1, length, dtype=torch.long), cache=cache, use_cache=True).logits
+            return logits[:, -1].argmax(-1)[:, None].numpy()
+
+        decode_ms = _step_ms(step, out.logits[:, -1].argmax(-1)[:, None].numpy(), tokens)
+
+        def caption() -> Any:
+            embeds = model.prefix_embeddings(pixels)
+            return model.language_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+
+        caption_ms = _median_ms(caption, repeats)
+    decoder_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in lm.parameters()}.values())
+    size = (Path(model_dir) / WEIGHTS_NAME).stat().st_size
+    return BackendBench(TORCH, load_s, vision_ms, first_ms, decode_ms, caption_ms, _peak_rss_mb(), base, size / 1e6, decoder_bytes / 1e6)

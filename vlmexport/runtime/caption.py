@@ -1,0 +1,69 @@
+"""Caption image files with an ONNX bundle: the bundle's own preprocessing, tokenizer and graphs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vlmexport.checkpoint.generate import DecodeOptions, decode
+from vlmexport.checkpoint.load import load_tokenizer
+from vlmexport.checkpoint.preprocess import Preprocessor, load_preprocessor, open_image
+from vlmexport.errors import BundleError
+from vlmexport.runtime.bundle import Bundle, open_bundle
+from vlmexport.runtime.generate import generate
+
+BATCH_SIZE = 8
+# Dynamic quantization measures one activation scale per tensor, i.e. over the whole batch: an
+# image's int8 caption would depend on the images batched with it. One image per pass keeps
+# captions reproducible (and equal to the browser's, which runs one image at a time).
+BATCH_DEPENDENT_VARIANTS = ("int8", "uint8")
+
+
+def bundle_preprocessor(bundle_dir: Path) -> Preprocessor:
+    """The preprocessing written into the bundle (preprocessor_config.json), or derived from its config.json.
+
+    Raises:
+        BundleError: neither file is readable.
+        CheckpointError: preprocessor_config.json is not valid JSON.
+    """
+    try:
+        vision_config = json.loads((bundle_dir / "config.json").read_text()).get("vision_config", {})
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        if not (bundle_dir / "preprocessor_config.json").is_file():
+            raise BundleError(f"{bundle_dir} has neither preprocessor_config.json nor a readable config.json", "re-run `vlmexport export`") from exc
+        vision_config = {}
+    return load_preprocessor(bundle_dir, vision_config)
+
+
+def caption_tokens(bundle: Bundle, pixel_values: np.ndarray, options: DecodeOptions, batch_size: int = BATCH_SIZE) -> list[list[int]]:
+    """Token ids per image, `batch_size` images per pass; EOS/PAD and the default length from the manifest."""
+    facts = bundle.manifest.model
+    options = options.with_default_length(int(facts["max_length"]))
+    rng = np.random.default_rng(options.seed)  # one stream across batches, so batches do not repeat draws
+    if bundle.variant in BATCH_DEPENDENT_VARIANTS:
+        batch_size = 1
+    tokens: list[list[int]] = []
+    for start in range(0, len(pixel_values), batch_size):
+        prefix = bundle.prefix(pixel_values[start : start + batch_size])
+        tokens += generate(bundle, prefix, options, facts["eos_token_id"], facts["pad_token_id"], rng)
+    return tokens
+
+
+def caption_images(
+    onnx_dir: Path, images: list[Path], variant: str = "fp32", options: DecodeOptions = DecodeOptions(), batch_size: int = BATCH_SIZE
+) -> list[str]:
+    """One caption per image file, from the bundle in `onnx_dir` (any layout, any variant present).
+
+    Raises:
+        ImageError: an image cannot be read (checked before the bundle loads).
+        BundleError: no bundle, a variant it does not have, or a graph ONNX Runtime cannot load.
+        CheckpointError: the bundle's tokenizer or preprocessor file is unreadable.
+    """
+    opened = [open_image(p) for p in images]
+    onnx_dir = Path(onnx_dir)
+    bundle = open_bundle(onnx_dir, variant)
+    pixels = bundle_preprocessor(onnx_dir)(opened)
+    tokens = caption_tokens(bundle, pixels, options, batch_size)
+    return decode(load_tokenizer(onnx_dir), tokens)
