@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmexport.errors import UsageError
+from vlmexport.resources import configs_dir
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "tolerances"
+PROFILE_DIR = configs_dir() / "tolerances"
 
 # Metrics where a larger value is better: their bound is a minimum, every other bound a maximum.
 HIGHER_IS_BETTER = frozenset({"cosine", "top1", "caption_match", "teacher_forced_top1"})
