@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from serving import require
 
 from vlmexport.checkpoint.config import parse_config
 from vlmexport.checkpoint.save import save_checkpoint
@@ -298,8 +299,8 @@ def test_passing_check_exits_0_and_records_the_verdict(bundle, monkeypatch, caps
     assert read_manifest(onnx_dir).checks["q4"]["passed"] is True
 
 
-@pytest.mark.skipif(not web_runtime_available(), reason="needs Node with onnxruntime-web (npm ci in web/)")
 def test_every_variant_runs_in_onnxruntime_web_and_agrees_with_onnxruntime(bundle) -> None:
+    require(web_runtime_available(), "Node with onnxruntime-web (web/node_modules)")
     onnx_dir = bundle(width=64)
     for mode in MODES:
         quantize_bundle(onnx_dir, mode, verify=False)
@@ -312,7 +313,6 @@ def test_every_variant_runs_in_onnxruntime_web_and_agrees_with_onnxruntime(bundl
         assert difference <= (0.1 if variant == "q4" else 1e-2) * scale, (variant, name, difference)
 
 
-@pytest.mark.skipif(not (SHAPES / "model").is_dir(), reason="the shapes example is not trained yet")
 def test_shapes_example_int8_captions_match_fp32_and_pass_the_int8_profile(tmp_path: Path) -> None:
     onnx_dir = tmp_path / "onnx"
     export_bundle(SHAPES / "model", onnx_dir, layout="compact")

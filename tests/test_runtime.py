@@ -224,7 +224,6 @@ def test_caption_images_uses_the_bundle_preprocessor_config(export_tiny, image_f
     assert caption_images(bundle, image_files) != before
 
 
-@pytest.mark.skipif(not (SHAPES / "model" / "config.json").is_file(), reason="examples/shapes/model not built yet")
 def test_shapes_example_bundle_greedy_and_beam_captions_equal_pytorch(tmp_path_factory) -> None:
     from vlmexport.exporter.export import export_bundle
 
