@@ -264,3 +264,33 @@ def test_graphs_over_the_size_limit_use_external_data_listed_in_the_manifest(mak
     assert "projection.onnx_data" not in files  # small graphs stay single files
     bundle = open_bundle(out)
     assert bundle.first_pass(bundle.prefix(np.zeros((1, 3, 32, 32), np.float32)))[0].shape[1] == 1
+
+
+def test_grouped_attention_equals_eager_attention_on_a_gqa_decoder(make_checkpoint) -> None:
+    import torch
+
+    from vlmexport.exporter.attention import export_attention, has_grouped_kv
+
+    lm = load_checkpoint(make_checkpoint("llama-siglip_vision_model-linear", text="llama")).model.causal_lm
+    assert has_grouped_kv(lm.config)
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = lm(input_ids=ids).logits
+        with export_attention(lm):
+            assert lm.config._attn_implementation != "eager"
+            grouped = lm(input_ids=ids).logits
+    assert lm.config._attn_implementation == "eager", "the model's own attention is restored"
+    assert torch.allclose(grouped, eager, atol=1e-5)
+    assert (grouped - eager).abs().max() < 1e-5 < (eager[:, 1:] - eager[:, :-1]).abs().max()
+
+
+@pytest.mark.parametrize("layout", ["distilvit", "compact"])
+def test_gqa_decoder_graphs_do_not_copy_kv_heads(export_tiny, layout: str) -> None:
+    # transformers' repeat_kv would be one Expand per key and per value in every layer.
+    bundle = export_tiny(layout)
+    layers = read_manifest(bundle).model["num_layers"]
+    for relative in read_manifest(bundle).variants["fp32"].values():
+        if "vision" in relative or "projection" in relative:
+            continue
+        expands = [n for n in _graph(bundle, relative).graph.node if n.op_type == "Expand"]
+        assert len(expands) < 2 * layers, relative

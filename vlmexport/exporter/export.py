@@ -19,6 +19,7 @@ from vlmexport.checkpoint.model import PrefixConditioningVLM
 from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME
 from vlmexport.errors import BundleError, ParityError, UsageError
 from vlmexport.exporter import graphs
+from vlmexport.exporter.attention import export_attention
 from vlmexport.exporter.manifest import LAYOUTS, Manifest
 from vlmexport.exporter.onnx_io import export_module, finalize, signature
 from vlmexport.fsutil import atomic_output_dir, check_output_dir
@@ -189,8 +190,10 @@ def export_bundle(
             args = _example_inputs(name, module, model, shape)
             if name == "projection":
                 prefix_length = int(args[0].shape[1])
-            export_module(module, args, tmp / files[name], opset)
-            with torch.no_grad():
+            # The graphs attend without copying the KV cache; the smoke parity below compares
+            # them with the model's own eager attention.
+            with export_attention(model.causal_lm), torch.no_grad():
+                export_module(module, args, tmp / files[name], opset)
                 results = module(*args)
             results = results if isinstance(results, tuple) else (results,)
             shapes = dict(zip(module.input_names + module.output_names, [tuple(t.shape) for t in (*args, *results)]))
