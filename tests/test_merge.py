@@ -95,8 +95,8 @@ def test_merging_an_already_merged_checkpoint_exits_2(make_checkpoint, tmp_path,
 
 
 def test_merge_exits_1_and_writes_nothing_when_the_merge_drops_the_adapters(tiny_checkpoint, tmp_path, capfd, monkeypatch):
-    def drop_adapters(model):  # what a broken merge would do: the base weights without the deltas
-        broken = merge_module.copy.deepcopy(model)
+    def drop_adapters(model, in_place=False):  # what a broken merge would do: the base weights without the deltas
+        broken = model if in_place else merge_module.copy.deepcopy(model)
         broken.language_model = broken.language_model.unload()
         return broken.eval()
 

@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
+from transformers.initialization import no_init_weights
 
 from vlmexport.checkpoint.config import VLMConfig, read_config
 from vlmexport.checkpoint.model import PrefixConditioningVLM, build_model
@@ -62,7 +63,16 @@ def read_state_dict(model_dir: Path, allow_pickle: bool = False) -> dict[str, to
         raise CheckpointError(f"{path} is missing", "a distilvit checkpoint folder holds model.safetensors")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            keys = list(handle.keys())
+        # Copied out of the file one tensor at a time, each mapping closed straight after:
+        # safetensors' tensors are views of a map of the whole file whose touched pages count
+        # as this process's memory until every tensor is gone, so `export` could not release
+        # the vision encoder before exporting the decoder. Peak: the weights once.
+        state = {}
+        for key in keys:
+            with safe_open(str(path), framework="pt") as handle:
+                state[key] = handle.get_tensor(key).clone()
+        return state
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"{path} is truncated or corrupt ({exc})", "re-copy or re-save model.safetensors"
@@ -161,7 +171,13 @@ def load_weights_strictly(model: PrefixConditioningVLM, state: dict[str, torch.T
     full = {k: state[k] for k in expected if k in state}
     for target, source in tied.items():
         full.setdefault(target, full[source])
-    model.load_state_dict(full, strict=True)
+    # assign: the tensors read from the file become the parameters (no second copy of the weights).
+    model.load_state_dict(full, strict=True, assign=True)
+    # Assigned, a tied pair would be two Parameters sharing storage (transformers' tie_weights
+    # skips weights already sharing data): make the head the embedding's own Parameter again.
+    for target, source in tied.items():
+        owner, _, attribute = target.rpartition(".")
+        setattr(model.get_submodule(owner), attribute, model.get_parameter(source))
     model.causal_lm.tie_weights()
 
 
@@ -193,7 +209,10 @@ def load_checkpoint(model_dir: Path | str, allow_pickle: bool = False) -> Checkp
     state = read_state_dict(model_dir, allow_pickle)
     with_lora = has_lora_keys(state)
     try:
-        model = build_model(config, with_lora=with_lora)
+        # Every parameter is replaced by the file's tensor below: drawing random weights first
+        # would cost seconds and, since it touches every page, a second model's worth of memory.
+        with no_init_weights():
+            model = build_model(config, with_lora=with_lora)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"config.json cannot build the model ({exc})", "check vision_config and text_config") from exc
     load_weights_strictly(model, state)

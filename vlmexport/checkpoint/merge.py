@@ -32,11 +32,12 @@ class MergeReport:
     tokens: list[list[int]]
 
 
-def merged_model(model: PrefixConditioningVLM) -> PrefixConditioningVLM:
-    """A copy of `model` whose decoder has the LoRA deltas folded into its weights (PEFT's merge)."""
+def merged_model(model: PrefixConditioningVLM, in_place: bool = False) -> PrefixConditioningVLM:
+    """`model` with the LoRA deltas folded into the decoder's weights (PEFT's merge): a copy,
+    or — `in_place`, which needs no second model's memory — `model` itself, adapters removed."""
     if not isinstance(model.language_model, PeftModel):
         raise CheckpointError("the checkpoint has no LoRA adapters to merge", "it is already merged; export it directly")
-    merged = copy.deepcopy(model)
+    merged = model if in_place else copy.deepcopy(model)
     merged.language_model = merged.language_model.merge_and_unload()
     merged.config = dataclasses.replace(model.config, lora_merged=True)
     return merged.eval()
@@ -52,14 +53,50 @@ def teacher_forced_logits(model: PrefixConditioningVLM, pixel_values: np.ndarray
     return model.language_model(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).logits
 
 
-def compare_models(reference: Checkpoint, candidate: PrefixConditioningVLM, images: int = 4) -> MergeReport:
-    """Greedy tokens and teacher-forced logits of `candidate` against the checkpoint's own model."""
-    pixels = reference.preprocessor(sample_images(images, reference.preprocessor.height))
-    options = DecodeOptions(max_new_tokens=reference.config.max_length)
-    ref_tokens = generate_tokens(reference.model, reference.tokenizer, pixels, options)
-    new_tokens = generate_tokens(candidate, reference.tokenizer, pixels, options)
-    diff = teacher_forced_logits(reference.model, pixels, ref_tokens) - teacher_forced_logits(candidate, pixels, ref_tokens)
-    return MergeReport(images, float(diff.abs().max()), ref_tokens == new_tokens, ref_tokens)
+@dataclass(frozen=True)
+class ReferenceOutputs:
+    """What the adapter model says on the sample images: greedy tokens and the logits along them."""
+
+    checkpoint: Checkpoint  # for its tokenizer and max_length; its model may since have been merged
+    pixels: np.ndarray
+    tokens: list[list[int]]
+    logits: torch.Tensor
+
+
+def reference_outputs(checkpoint: Checkpoint, images: int = 4) -> ReferenceOutputs:
+    """The checkpoint's own model on `images` sample images (recorded before an in-place merge)."""
+    pixels = checkpoint.preprocessor(sample_images(images, checkpoint.preprocessor.height))
+    options = DecodeOptions(max_new_tokens=checkpoint.config.max_length)
+    tokens = generate_tokens(checkpoint.model, checkpoint.tokenizer, pixels, options)
+    return ReferenceOutputs(checkpoint, pixels, tokens, teacher_forced_logits(checkpoint.model, pixels, tokens))
+
+
+def compare_models(reference: ReferenceOutputs, candidate: PrefixConditioningVLM) -> MergeReport:
+    """Greedy tokens and teacher-forced logits of `candidate` against the recorded reference."""
+    options = DecodeOptions(max_new_tokens=reference.checkpoint.config.max_length)
+    new_tokens = generate_tokens(candidate, reference.checkpoint.tokenizer, reference.pixels, options)
+    diff = reference.logits - teacher_forced_logits(candidate, reference.pixels, reference.tokens)
+    return MergeReport(len(reference.pixels), float(diff.abs().max()), reference.tokens == new_tokens, reference.tokens)
+
+
+def verified_merge(checkpoint: Checkpoint) -> MergeReport | None:
+    """Fold the checkpoint model's LoRA in place (`checkpoint.model` is the merged model
+    afterwards), proven equal to the adapter model: logits max abs ≤ 1e-4, identical greedy
+    tokens. None for a model without adapters, which stays as it is.
+
+    Raises:
+        ParityError: the merged model's logits or greedy tokens differ.
+    """
+    if not checkpoint.model.has_lora:
+        return None
+    reference = reference_outputs(checkpoint)
+    checkpoint.model = merged_model(checkpoint.model, in_place=True)
+    report = compare_models(reference, checkpoint.model)
+    if report.logits_max_abs > MERGE_LOGITS_TOLERANCE:
+        raise ParityError("merged decoder logits", "max abs error", report.logits_max_abs, MERGE_LOGITS_TOLERANCE)
+    if not report.tokens_identical:
+        raise ParityError("merged greedy tokens", "mismatching captions", 1.0, 0.0)
+    return report
 
 
 def merge_checkpoint(model_dir: Path, output_dir: Path, force: bool = False, allow_pickle: bool = False) -> MergeReport:
@@ -72,12 +109,10 @@ def merge_checkpoint(model_dir: Path, output_dir: Path, force: bool = False, all
     """
     check_output_dir(output_dir, force)
     checkpoint = load_checkpoint(model_dir, allow_pickle)
-    merged = merged_model(checkpoint.model)
-    report = compare_models(checkpoint, merged)
-    if report.logits_max_abs > MERGE_LOGITS_TOLERANCE:
-        raise ParityError("merged decoder logits", "max abs error", report.logits_max_abs, MERGE_LOGITS_TOLERANCE)
-    if not report.tokens_identical:
-        raise ParityError("merged greedy tokens", "mismatching captions", 1.0, 0.0)
+    if not checkpoint.model.has_lora:
+        raise CheckpointError("the checkpoint has no LoRA adapters to merge", "it is already merged; export it directly")
+    report = verified_merge(checkpoint)
+    merged = checkpoint.model
     with atomic_output_dir(output_dir, force) as tmp:
         save_checkpoint(merged, merged.config, checkpoint.tokenizer, checkpoint.preprocessor, tmp)
     return report

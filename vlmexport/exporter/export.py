@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from collections.abc import Callable
@@ -14,20 +13,21 @@ import onnx
 import torch
 
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
-from vlmexport.checkpoint.merge import MERGE_LOGITS_TOLERANCE, compare_models, merged_model
+from vlmexport.checkpoint.merge import verified_merge
 from vlmexport.checkpoint.model import PrefixConditioningVLM
 from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME
 from vlmexport.errors import BundleError, ParityError, UsageError
 from vlmexport.exporter import graphs
 from vlmexport.exporter.attention import export_attention
 from vlmexport.exporter.manifest import LAYOUTS, Manifest
+from vlmexport.exporter.memory import release_freed_memory, store_linear_weights_transposed
 from vlmexport.exporter.onnx_io import export_module, finalize, signature
 from vlmexport.fsutil import atomic_output_dir, check_output_dir
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.samples import sample_images
 from vlmexport.validate.metrics import Measurement
 from vlmexport.validate.reference import TorchRunner
-from vlmexport.validate.smoke import smoke_parity
+from vlmexport.validate.smoke import record_reference, smoke_parity
 
 OPSETS = range(18, 21)
 DEFAULT_OPSET = 18
@@ -90,7 +90,7 @@ def _parameter_counts(model: PrefixConditioningVLM) -> dict[str, int]:
     }
 
 
-def _model_facts(checkpoint: Checkpoint, model: PrefixConditioningVLM, shape: graphs.DecoderShape, prefix_length: int) -> dict:
+def _model_facts(checkpoint: Checkpoint, model: PrefixConditioningVLM, shape: graphs.DecoderShape, prefix_length: int, parameters: dict[str, int]) -> dict:
     tokenizer = checkpoint.tokenizer
     return {
         "vision_type": checkpoint.config.vision_type,
@@ -106,7 +106,7 @@ def _model_facts(checkpoint: Checkpoint, model: PrefixConditioningVLM, shape: gr
         "pad_token_id": tokenizer.pad_token_id,
         "max_length": checkpoint.config.max_length,
         "tied_lm_head": bool(getattr(model.causal_lm.config, "tie_word_embeddings", False)),
-        "parameters": _parameter_counts(model),
+        "parameters": parameters,
     }
 
 
@@ -126,19 +126,40 @@ def _write_side_files(checkpoint: Checkpoint, model: PrefixConditioningVLM, out:
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def verified_merge(checkpoint: Checkpoint) -> PrefixConditioningVLM:
-    """The decoder with LoRA folded in, proven equal to the adapter model (or the model as is).
+def _export_graphs(model: PrefixConditioningVLM, layout: str, shape: graphs.DecoderShape, out: Path, opset: int, step: Callable[[str], None]) -> int:
+    """Trace every component's graphs into `out`, then post-process them; returns the prefix length.
 
-    Raises:
-        ParityError: the merged model's logits or greedy tokens differ.
+    Memory: each PyTorch component's weights are released once its last graph is traced, and
+    the graphs are post-processed (loaded, rewritten, saved) only after all are released, so
+    the peak holds the decoder once plus its serialisation, not the whole model beside it.
     """
-    if not checkpoint.model.has_lora:
-        return checkpoint.model
-    merged = merged_model(checkpoint.model)
-    report = compare_models(checkpoint, merged)
-    if report.logits_max_abs > MERGE_LOGITS_TOLERANCE or not report.tokens_identical:
-        raise ParityError("LoRA merge", "logits max abs", report.logits_max_abs, MERGE_LOGITS_TOLERANCE)
-    return merged
+    files = LAYOUTS[layout]
+    modules = _component_graphs(model, layout, shape)
+    with torch.no_grad():  # with autograd on, the example activations would keep every layer's intermediates
+        inputs = {name: _example_inputs(name, module, model, shape) for name, module in modules.items()}
+    tied = {id(model.causal_lm.get_input_embeddings().weight)}  # the head reads the embedding
+    for component in (model.vision_encoder, model.projection, model.causal_lm):
+        store_linear_weights_transposed(component, keep=tied)
+    release_freed_memory()
+    owners = {name: model.causal_lm if name not in ("vision_encoder", "projection") else getattr(model, name) for name in modules}
+    traced: dict[str, dict[str, tuple[int, ...]]] = {}
+    for index, (name, module) in enumerate(modules.items()):
+        step(f"exporting {name}")
+        args = inputs.pop(name)
+        # The graphs attend without copying the KV cache; the smoke parity compares them
+        # with the model's own eager attention.
+        with export_attention(model.causal_lm), torch.no_grad():
+            export_module(module, args, out / files[name], opset)
+            results = module(*args)
+        results = results if isinstance(results, tuple) else (results,)
+        traced[name] = dict(zip(module.input_names + module.output_names, [tuple(t.shape) for t in (*args, *results)]))
+        if all(owners[later] is not owners[name] for later in list(modules)[index + 1 :]):
+            owners[name].to("meta")  # the weights go; module tree and shapes stay
+            release_freed_memory()
+    for name, shapes in traced.items():
+        step(f"post-processing {name}")
+        finalize(out / files[name], modules[name].dynamic_axes, shapes)
+    return int(traced["projection"]["vision_hidden_states"][1])
 
 
 def _check_graphs(out: Path, files: dict[str, str]) -> None:
@@ -177,31 +198,21 @@ def export_bundle(
     step("loading checkpoint")
     checkpoint = load_checkpoint(model_dir, allow_pickle)
     step("merging LoRA")
-    model = verified_merge(checkpoint)
-    # The adapter model is no longer needed once the merge is proven; at full size it is ~0.9 GB.
-    checkpoint.model = model
-    gc.collect()
+    verified_merge(checkpoint)  # in place: no second copy of the model
+    model = checkpoint.model
     shape = graphs.decoder_shape(model.causal_lm)
     files = LAYOUTS[layout]
+    parameters = _parameter_counts(model)  # now: released weights (on meta) are no longer tied
+    recorded = None
+    if verify:  # recorded now: the PyTorch weights are released as their graphs are written
+        pixels = checkpoint.preprocessor(sample_images(1, checkpoint.preprocessor.height))
+        recorded = record_reference(TorchRunner(model), pixels)
     with atomic_output_dir(output_dir, force) as tmp:
-        prefix_length = 0
-        for name, module in _component_graphs(model, layout, shape).items():
-            step(f"exporting {name}")
-            args = _example_inputs(name, module, model, shape)
-            if name == "projection":
-                prefix_length = int(args[0].shape[1])
-            # The graphs attend without copying the KV cache; the smoke parity below compares
-            # them with the model's own eager attention.
-            with export_attention(model.causal_lm), torch.no_grad():
-                export_module(module, args, tmp / files[name], opset)
-                results = module(*args)
-            results = results if isinstance(results, tuple) else (results,)
-            shapes = dict(zip(module.input_names + module.output_names, [tuple(t.shape) for t in (*args, *results)]))
-            finalize(tmp / files[name], module.dynamic_axes, shapes)
+        prefix_length = _export_graphs(model, layout, shape, tmp, opset, step)
         step("writing tokenizer, configs and manifest")
         _write_side_files(checkpoint, model, tmp)
         versions = {lib: version(lib) for lib in LIBRARIES}
-        manifest = Manifest(layout, opset, _model_facts(checkpoint, model, shape, prefix_length), versions)
+        manifest = Manifest(layout, opset, _model_facts(checkpoint, model, shape, prefix_length, parameters), versions)
         manifest.variants["fp32"] = dict(files)
         for name, relative in files.items():
             manifest.describe_file(tmp, relative, component=name, variant="fp32", **signature(tmp / relative))
@@ -211,19 +222,16 @@ def export_bundle(
                 manifest.describe_file(tmp, path.relative_to(tmp).as_posix())
         manifest.write(tmp)
         smoke: list[Measurement] = []
-        if verify:
+        if recorded is not None:
             step("verifying (onnx.checker, onnxruntime, smoke parity)")
             _check_graphs(tmp, files)
-            bundle = open_bundle(tmp)
-            pixels = checkpoint.preprocessor(sample_images(1, checkpoint.preprocessor.height))
-            smoke = smoke_parity(TorchRunner(model), bundle, pixels, layout)
+            smoke = smoke_parity(recorded, open_bundle(tmp), layout)
             failed = [m for m in smoke if not m.passed]
             if failed:
                 worst = failed[0]
                 raise ParityError(f"{worst.component} {worst.output}", worst.metric, worst.value, worst.tolerance, "report this as a vlmexport bug")
         graph_bytes = {rel: (tmp / rel).stat().st_size for rel in files.values()}
         bundle_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-    parameters = _parameter_counts(model)
     return ExportResult(
         path=output_dir,
         layout=layout,

@@ -38,18 +38,16 @@ def export_module(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path:
 
 
 def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
-def store_shared_weights_once(model: onnx.ModelProto) -> int:
-    """Replace initializers that repeat another one (or its transpose) by a reference to it.
+def _nbytes(init: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its shape and type (reading raw_data would copy it)."""
+    return int(np.prod(init.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
 
-    Constant folding turns a tied LM head `h @ E.T` into a second, transposed copy of the
-    embedding E (113 MB for SmolLM-135M); no maintained ONNX tool undoes that, so this
-    pass does: identical copies are renamed to the original, transposed copies become a
-    Transpose node reading the original. Returns the bytes saved.
-    """
-    graph = model.graph
+
+def _repeated_initializers(graph: onnx.GraphProto) -> tuple[dict[str, str], dict[str, str]]:
+    """(copies → original, transposed copies → original) among the large initializers."""
     # Named parameters first, so they are the copies kept and folded `onnx::` constants go.
     candidates = sorted(
         (i for i in graph.initializer if np.prod(i.dims) >= DEDUPE_MIN_ELEMENTS), key=lambda i: i.name.startswith("onnx::")
@@ -68,19 +66,31 @@ def store_shared_weights_once(model: onnx.ModelProto) -> int:
             transposed[init.name] = by_digest[flipped]
             continue
         by_digest[key] = init.name
+    return renames, transposed
+
+
+def store_shared_weights_once(model: onnx.ModelProto) -> int:
+    """Replace initializers that repeat another one (or its transpose) by a reference to it.
+
+    Constant folding turns a tied LM head `h @ E.T` into a second, transposed copy of the
+    embedding E (113 MB for SmolLM-135M); no maintained ONNX tool undoes that, so this
+    pass does: identical copies are renamed to the original, transposed copies become a
+    Transpose node reading the original. Returns the bytes saved.
+    """
+    graph = model.graph
+    # In a helper, so no reference to a message outlives the search (it would keep a copy alive below).
+    renames, transposed = _repeated_initializers(graph)
     if not renames and not transposed:
         return 0
     saved = 0
     for name, original in transposed.items():
         graph.node.insert(0, helper.make_node("Transpose", [original], [name], name=f"{name}_from_shared", perm=[1, 0]))
-    keep = []
-    for init in graph.initializer:
+    # Deleted where they stand: rebuilding the list would copy every kept initializer.
+    for index in reversed(range(len(graph.initializer))):
+        init = graph.initializer[index]
         if init.name in renames or init.name in transposed:
-            saved += len(init.raw_data) or numpy_helper.to_array(init).nbytes
-        else:
-            keep.append(init)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+            saved += _nbytes(init)
+            del graph.initializer[index]
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in renames:
@@ -110,7 +120,8 @@ def finalize(path: Path, dynamic_axes: dict[str, dict[int, str]], shapes: dict[s
     model = onnx.load(str(path))
     pin_static_axes(model, dynamic_axes, shapes)
     saved = store_shared_weights_once(model)
-    large = model.ByteSize() >= TWO_GB
+    # Weights dominate the size; ByteSize() would serialise the whole model once more to count it.
+    large = sum(_nbytes(init) for init in model.graph.initializer) >= TWO_GB
     if large:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + "_data")
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from vlmexport.runtime.runner import Runner
@@ -31,18 +33,35 @@ def greedy_tokens(runner: Runner, prefix: np.ndarray, steps: int) -> np.ndarray:
     return np.stack(chosen, 1).astype(np.int64) if chosen else np.zeros((prefix.shape[0], 0), np.int64)
 
 
-def smoke_parity(reference: Runner, candidate: Runner, pixel_values: np.ndarray, layout: str, steps: int = 2) -> list[Measurement]:
-    """Max abs error per component, both sides fed the reference's inputs and greedy tokens:
-    activations ≤ 1e-4, logits ≤ 1e-3."""
+@dataclass(frozen=True)
+class SmokeReference:
+    """The reference's side of the smoke parity, recorded so the reference model can be
+    released before the bundle is opened (export holds one model's weights at a time)."""
+
+    pixel_values: np.ndarray
+    hidden: np.ndarray
+    prefix: np.ndarray
+    tokens: np.ndarray  # the reference's greedy choices, fed to both sides
+    passes: list[tuple[np.ndarray, list[np.ndarray]]]
+
+
+def record_reference(reference: Runner, pixel_values: np.ndarray, steps: int = 2) -> SmokeReference:
+    """Vision, projection, first pass and `steps` cached steps of `reference` on one batch."""
     hidden = reference.vision(pixel_values)
     prefix = reference.project(hidden)
-    out = [
-        Measurement("vision_encoder", "last_hidden_state", "max_abs", max_abs(hidden, candidate.vision(pixel_values)), ACTIVATION_TOLERANCE),
-        Measurement("projection", "projected_prefix", "max_abs", max_abs(prefix, candidate.project(hidden)), ACTIVATION_TOLERANCE),
-    ]
     tokens = greedy_tokens(reference, prefix, steps)
+    return SmokeReference(pixel_values, hidden, prefix, tokens, decode_passes(reference, prefix, tokens))
+
+
+def smoke_parity(recorded: SmokeReference, candidate: Runner, layout: str) -> list[Measurement]:
+    """Max abs error per component, the candidate fed the reference's inputs and greedy tokens:
+    activations ≤ 1e-4, logits ≤ 1e-3."""
+    out = [
+        Measurement("vision_encoder", "last_hidden_state", "max_abs", max_abs(recorded.hidden, candidate.vision(recorded.pixel_values)), ACTIVATION_TOLERANCE),
+        Measurement("projection", "projected_prefix", "max_abs", max_abs(recorded.prefix, candidate.project(recorded.hidden)), ACTIVATION_TOLERANCE),
+    ]
     first, later = ("prefix_init", "language_model") if layout == "distilvit" else ("decoder", "decoder")
-    passes = zip(decode_passes(reference, prefix, tokens), decode_passes(candidate, prefix, tokens))
+    passes = zip(recorded.passes, decode_passes(candidate, recorded.prefix, recorded.tokens))
     for i, ((ref_logits, ref_past), (got_logits, got_past)) in enumerate(passes):
         name = first if i == 0 else f"{later} step {i}"
         present = max(map(max_abs, ref_past, got_past), default=0.0) if len(ref_past) == len(got_past) else float("inf")

@@ -1,0 +1,59 @@
+"""Keeping export's peak memory to one component plus its serialisation.
+
+Three things no library does for us here:
+- `release_freed_memory`: glibc keeps freed heap memory (its mmap threshold grows after large
+  frees, so later tensors come from the heap) until asked to return it; after the merge check
+  and the smoke recording that was ~0.8 GB of a full-size export's resident set.
+- `store_linear_weights_transposed`: the TorchScript exporter constant-folds `x @ W.T` of every
+  nn.Linear into a transposed copy of W, so for the length of the export every weight exists
+  twice (0.43 GB for SmolLM-135M's decoder). Stored transposed beforehand, W.T *is* the
+  parameter and the graph reads it as is: same MatMul, same initializer values, no copy.
+- releasing a component (`module.to("meta")`) once its graphs are traced, in export.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+import torch
+from torch import nn
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc only; elsewhere nothing to do)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        return
+    if trim is not None:
+        trim(0)
+
+
+class TransposedLinear(nn.Module):
+    """nn.Linear with its weight stored as [in, out]: `x @ weight + bias`, traced as one MatMul
+    reading the parameter itself (named `<module>.weight`)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(x, self.weight)
+        return out if self.bias is None else out + self.bias
+
+
+def store_linear_weights_transposed(module: nn.Module, keep: set[int] = frozenset()) -> int:
+    """Replace every nn.Linear under `module` by a TransposedLinear, one at a time (so at most
+    one weight is copied at once); linears whose weight is in `keep` (by id, e.g. a head tied
+    to the embedding) stay. Returns how many were replaced."""
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and id(child.weight) not in keep:
+                setattr(parent, name, TransposedLinear(child))
+                replaced += 1
+    return replaced
