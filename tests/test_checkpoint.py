@@ -232,3 +232,9 @@ def test_written_preprocessor_config_reproduces_the_derived_preprocessing_in_tra
     image = noise_image("RGBA")
     reference = SiglipImageProcessorPil.from_pretrained(str(tmp_path))(images=[image], return_tensors="np")["pixel_values"]
     np.testing.assert_allclose(preprocessor([image]), reference, rtol=0, atol=1e-5)
+
+
+def test_loaded_tied_head_is_the_embedding_parameter(tiny_checkpoint) -> None:
+    # Weights are assigned from the file, not copied into a randomly initialised model; the tie must survive.
+    lm = load_checkpoint(tiny_checkpoint).model.causal_lm
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight

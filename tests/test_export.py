@@ -294,3 +294,13 @@ def test_gqa_decoder_graphs_do_not_copy_kv_heads(export_tiny, layout: str) -> No
             continue
         expands = [n for n in _graph(bundle, relative).graph.node if n.op_type == "Expand"]
         assert len(expands) < 2 * layers, relative
+
+
+def test_linear_weights_are_exported_as_the_parameters_themselves(export_tiny) -> None:
+    # Stored transposed before tracing, a Linear's MatMul reads `<module>.weight` ([in, out])
+    # instead of a constant-folded transposed copy (`onnx::MatMul_*`).
+    graph = _graph(export_tiny("compact"), "decoder/model.onnx").graph
+    inits = {i.name: tuple(i.dims) for i in graph.initializer}
+    assert inits["lm.model.layers.0.mlp.down_proj.weight"] == (96, 48)
+    assert inits["lm.model.layers.0.mlp.up_proj.weight"] == (48, 96)
+    assert not [name for name in inits if name.startswith("onnx::MatMul")]

@@ -173,12 +173,7 @@ def load_weights_strictly(model: PrefixConditioningVLM, state: dict[str, torch.T
         full.setdefault(target, full[source])
     # assign: the tensors read from the file become the parameters (no second copy of the weights).
     model.load_state_dict(full, strict=True, assign=True)
-    # Assigned, a tied pair would be two Parameters sharing storage (transformers' tie_weights
-    # skips weights already sharing data): make the head the embedding's own Parameter again.
-    for target, source in tied.items():
-        owner, _, attribute = target.rpartition(".")
-        setattr(model.get_submodule(owner), attribute, model.get_parameter(source))
-    model.causal_lm.tie_weights()
+    model.causal_lm.tie_weights()  # the head becomes the embedding's own Parameter (tested)
 
 
 def has_lora_keys(state: dict[str, torch.Tensor]) -> bool:
