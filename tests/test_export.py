@@ -216,7 +216,7 @@ def test_interrupted_export_leaves_no_half_bundle(make_checkpoint, tmp_path: Pat
     import vlmexport.exporter.export as export_module
 
     calls = []
-    real = export_module.export_module
+    real = export_module.write_graph
 
     def fail_on_second(*args, **kwargs):
         calls.append(1)
@@ -224,7 +224,7 @@ def test_interrupted_export_leaves_no_half_bundle(make_checkpoint, tmp_path: Pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(export_module, "export_module", fail_on_second)
+    monkeypatch.setattr(export_module, "write_graph", fail_on_second)
     with pytest.raises(KeyboardInterrupt):
         export_bundle(make_checkpoint("tiny"), tmp_path / "onnx")
     assert list(tmp_path.iterdir()) == []
@@ -234,18 +234,17 @@ def test_smoke_parity_failure_exits_1_and_writes_nothing(make_checkpoint, tmp_pa
     """A graph whose weights drift after tracing must fail the end-of-export parity check."""
     import vlmexport.exporter.export as export_module
 
-    real = export_module.finalize
+    real = export_module.write_graph
 
-    def corrupt(path, *args, **kwargs):
-        saved = real(path, *args, **kwargs)
+    def corrupt(graph, weights, path, *args, **kwargs):
+        real(graph, weights, path, *args, **kwargs)
         if path.name == "projection.onnx":
             model = onnx.load(str(path))
             weight = max(model.graph.initializer, key=lambda i: np.prod(i.dims))
             weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
             onnx.save(model, str(path))
-        return saved
 
-    monkeypatch.setattr(export_module, "finalize", corrupt)
+    monkeypatch.setattr(export_module, "write_graph", corrupt)
     code = main(["export", "--model-dir", str(make_checkpoint("tiny")), "--output-dir", str(tmp_path / "o")])
     assert code == 1
     assert "projection" in capsys.readouterr().err
@@ -304,3 +303,33 @@ def test_linear_weights_are_exported_as_the_parameters_themselves(export_tiny) -
     assert inits["lm.model.layers.0.mlp.down_proj.weight"] == (96, 48)
     assert inits["lm.model.layers.0.mlp.up_proj.weight"] == (48, 96)
     assert not [name for name in inits if name.startswith("onnx::MatMul")]
+
+
+@pytest.mark.parametrize("limit", [None, 1000])
+def test_write_graph_streams_weights_into_a_model_onnxruntime_runs(tmp_path: Path, monkeypatch, limit: int | None) -> None:
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    import vlmexport.exporter.onnx_io as onnx_io
+
+    if limit:
+        monkeypatch.setattr(onnx_io, "TWO_GB", limit)  # the external-data path
+    rng = np.random.default_rng(0)
+    weights = {"w": torch.tensor(rng.standard_normal((6, 40)), dtype=torch.float32), "b": torch.arange(40, dtype=torch.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6]), helper.make_tensor_value_info("w", TensorProto.FLOAT, [6, 40]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 40])],
+    )
+    path = tmp_path / "m.onnx"
+    onnx_io.write_graph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), weights, path, {"x": {0: "n"}, "y": {0: "n"}}, {"x": (2, 6), "y": (2, 40)})
+    written = onnx.load(str(path))
+    onnx.checker.check_model(written, full_check=True)
+    assert [i.name for i in written.graph.input] == ["x"]
+    assert {i.name: numpy_helper.to_array(i).tolist() for i in written.graph.initializer} == {k: v.numpy().tolist() for k, v in weights.items()}
+    assert (tmp_path / "m.onnx_data").exists() == bool(limit)
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ weights["w"].numpy() + weights["b"].numpy(), rtol=1e-5)

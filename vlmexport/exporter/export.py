@@ -21,7 +21,7 @@ from vlmexport.exporter import graphs
 from vlmexport.exporter.attention import export_attention
 from vlmexport.exporter.manifest import LAYOUTS, Manifest
 from vlmexport.exporter.memory import release_freed_memory, store_linear_weights_transposed
-from vlmexport.exporter.onnx_io import export_module, finalize, signature
+from vlmexport.exporter.onnx_io import signature, trace_graph, write_graph
 from vlmexport.fsutil import atomic_output_dir, check_output_dir
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.samples import sample_images
@@ -127,11 +127,11 @@ def _write_side_files(checkpoint: Checkpoint, model: PrefixConditioningVLM, out:
 
 
 def _export_graphs(model: PrefixConditioningVLM, layout: str, shape: graphs.DecoderShape, out: Path, opset: int, step: Callable[[str], None]) -> int:
-    """Trace every component's graphs into `out`, then post-process them; returns the prefix length.
+    """Trace and write every component's graphs into `out`; returns the prefix length.
 
-    Memory: each PyTorch component's weights are released once its last graph is traced, and
-    the graphs are post-processed (loaded, rewritten, saved) only after all are released, so
-    the peak holds the decoder once plus its serialisation, not the whole model beside it.
+    Memory: the graphs are traced without their weights, which are then streamed from the
+    PyTorch tensors into the files (onnx_io), and each component's weights are released once
+    its last graph is written — so the peak holds the model once, shrinking as it goes.
     """
     files = LAYOUTS[layout]
     modules = _component_graphs(model, layout, shape)
@@ -142,24 +142,25 @@ def _export_graphs(model: PrefixConditioningVLM, layout: str, shape: graphs.Deco
         store_linear_weights_transposed(component, keep=tied)
     release_freed_memory()
     owners = {name: model.causal_lm if name not in ("vision_encoder", "projection") else getattr(model, name) for name in modules}
-    traced: dict[str, dict[str, tuple[int, ...]]] = {}
+    prefix_length = 0
     for index, (name, module) in enumerate(modules.items()):
         step(f"exporting {name}")
         args = inputs.pop(name)
         # The graphs attend without copying the KV cache; the smoke parity compares them
         # with the model's own eager attention.
         with export_attention(model.causal_lm), torch.no_grad():
-            export_module(module, args, out / files[name], opset)
+            graph, weights = trace_graph(module, args, opset)
             results = module(*args)
         results = results if isinstance(results, tuple) else (results,)
-        traced[name] = dict(zip(module.input_names + module.output_names, [tuple(t.shape) for t in (*args, *results)]))
+        shapes = dict(zip(module.input_names + module.output_names, [tuple(t.shape) for t in (*args, *results)]))
+        write_graph(graph, weights, out / files[name], module.dynamic_axes, shapes)
+        del graph, weights
+        if name == "projection":
+            prefix_length = int(shapes["vision_hidden_states"][1])
         if all(owners[later] is not owners[name] for later in list(modules)[index + 1 :]):
             owners[name].to("meta")  # the weights go; module tree and shapes stay
             release_freed_memory()
-    for name, shapes in traced.items():
-        step(f"post-processing {name}")
-        finalize(out / files[name], modules[name].dynamic_axes, shapes)
-    return int(traced["projection"]["vision_hidden_states"][1])
+    return prefix_length
 
 
 def _check_graphs(out: Path, files: dict[str, str]) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,29 +15,170 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from vlmexport.errors import BundleError
+
 TWO_GB = 2**31
+SHARED_SUFFIX = "_from_shared"  # a Transpose reading a table stored once (see quantize/shared.py)
 # Below this, duplicated constants are not worth a node (shape vectors, scalars).
 DEDUPE_MIN_ELEMENTS = 1024
 
 
-def export_module(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
-    """Trace `module` with the TorchScript exporter (fast here, and exact for these models)."""
+def trace_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], opset: int) -> tuple[onnx.ModelProto, dict[str, torch.Tensor]]:
+    """Trace `module` with the TorchScript exporter (fast here, and exact for these models) into
+    a graph without weights: each parameter is a graph input named as in the state dict. Returns
+    the graph and the parameters it reads, by input name (unused ones, e.g. SigLIP's pooling
+    head, are not in the graph).
+
+    Why parameters go in as inputs: with them as constants, the exporter holds the weights
+    three more times while serialising (its C++ proto, the serialised string, the Python copy)
+    and constant-folds a transposed copy of the tied head. As inputs, nothing is folded into
+    them — the tied head is a Transpose of the embedding, the form it must be stored in
+    anyway — and `write_graph` streams them into the file one tensor at a time.
+    """
+    params = dict(module.named_parameters())  # a tied head is listed once, under the embedding
+    names = list(params)
+    count = len(module.input_names)
+    forward = module.forward
+
+    def forward_with_inputs_as_parameters(*inputs: torch.Tensor) -> Any:
+        with _parameters_replaced(module, dict(zip(names, inputs[count:]))):
+            return forward(*inputs[:count])
+
+    buffer = io.BytesIO()
+    module.forward = forward_with_inputs_as_parameters  # an instance attribute: no extra scope in node names
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about shape-dependent Python branches; graphs.py documents why
+            # the ones in transformers' cache and mask code are safe, and tests prove it.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (*args, *params.values()),
+                buffer,
+                input_names=[*module.input_names, *names],
+                output_names=module.output_names,
+                dynamic_axes=module.dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        del module.forward
+    model = onnx.load_model_from_string(buffer.getvalue())
+    used = {value.name for value in model.graph.input}
+    return model, {name: tensor for name, tensor in params.items() if name in used}
+
+
+@contextmanager
+def _parameters_replaced(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Within the block, every parameter of `module` (a tied one in each of its places) is the
+    given tensor. What torch.func.functional_call does, which refuses to run under the tracer."""
+    first_name = {id(p): name for name, p in module.named_parameters()}
+    slots = []
+    for name, parameter in list(module.named_parameters(remove_duplicate=False)):
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        slots.append((owner, attribute, parameter))
+        del owner._parameters[attribute]
+        setattr(owner, attribute, tensors[first_name[id(parameter)]])
+    try:
+        yield
+    finally:
+        for owner, attribute, parameter in slots:
+            delattr(owner, attribute)
+            owner.register_parameter(attribute, parameter)
+
+
+def write_graph(
+    model: onnx.ModelProto,
+    weights: dict[str, torch.Tensor],
+    path: Path,
+    dynamic_axes: dict[str, dict[int, str]],
+    shapes: dict[str, tuple[int, ...]],
+) -> None:
+    """Write a traced graph with its parameters as initializers: static axes pinned to integers,
+    the tied head's Transpose marked as reading a shared table (`*_from_shared`, what quantize
+    looks for), the weights streamed from the tensors; external data only over 2 GB."""
+    graph = model.graph
+    inputs = [value for value in graph.input if value.name not in weights]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    pin_static_axes(model, dynamic_axes, shapes)
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in weights and weights[node.input[0]].dim() == 2:
+            node.name = f"{node.output[0]}{SHARED_SUFFIX}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns about shape-dependent Python branches; graphs.py documents why
-        # the ones in transformers' cache and mask code are safe, and tests prove it.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            input_names=module.input_names,
-            output_names=module.output_names,
-            dynamic_axes=module.dynamic_axes,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+    arrays = [(name, tensor.detach().numpy()) for name, tensor in weights.items()]  # views, no copies
+    if sum(array.nbytes for _, array in arrays) >= TWO_GB:
+        _write_external(model, arrays, path)
+    else:
+        _write_streamed(model, arrays, path)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload_size: int) -> bytes:
+    """Tag and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(payload_size)
+
+
+GRAPH_FIELD = 7  # ModelProto.graph
+INITIALIZER_FIELD = 5  # GraphProto.initializer
+
+
+def _write_streamed(model: onnx.ModelProto, arrays: list[tuple[str, np.ndarray]], path: Path) -> None:
+    """`model` with `arrays` appended as its initializers, written one tensor at a time.
+
+    onnx.save_model needs the whole model as one proto and then its serialised copy: three
+    times the weights at once. Protobuf lets fields come in any order and keeps a repeated
+    field's elements in the order written, so the file is: the model without its graph, then
+    the graph field, whose bytes are the graph without the weights followed by one
+    `initializer` entry per tensor. Each tensor is serialised twice (its size is needed
+    before the graph's length prefix), one at a time. onnx.load reads back the same model.
+    """
+
+    def tensor_bytes(name: str, array: np.ndarray) -> bytes:
+        return numpy_helper.from_array(array, name).SerializeToString()
+
+    sizes = [len(tensor_bytes(name, array)) for name, array in arrays]
+    head = onnx.ModelProto()
+    head.CopyFrom(model)
+    head.ClearField("graph")
+    graph = model.graph.SerializeToString()
+    graph_size = len(graph) + sum(len(_field(INITIALIZER_FIELD, size)) + size for size in sizes)
+    with open(path, "wb") as out:
+        out.write(head.SerializeToString())
+        out.write(_field(GRAPH_FIELD, graph_size))
+        out.write(graph)
+        for (name, array), size in zip(arrays, sizes):
+            data = tensor_bytes(name, array)
+            if len(data) != size:
+                raise BundleError(f"{name} serialised to {len(data)} bytes, then {size}", "report this as a vlmexport bug")
+            out.write(_field(INITIALIZER_FIELD, size))
+            out.write(data)
+
+
+def _write_external(model: onnx.ModelProto, arrays: list[tuple[str, np.ndarray]], path: Path) -> None:
+    """Graphs over protobuf's 2 GB limit: the weights in `<file>_data`, written tensor by tensor."""
+    location = path.name + "_data"
+    offset = 0
+    with open(path.parent / location, "wb") as data:
+        for name, array in arrays:
+            tensor = onnx.TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
+                tensor.external_data.add(key=key, value=value)
+            data.write(np.ascontiguousarray(array).data)
+            offset += array.nbytes
+            model.graph.initializer.append(tensor)
+    onnx.save_model(model, str(path))
 
 
 def _digest(array: np.ndarray) -> str:
@@ -46,11 +190,11 @@ def _nbytes(init: onnx.TensorProto) -> int:
     return int(np.prod(init.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
 
 
-def _repeated_initializers(graph: onnx.GraphProto) -> tuple[dict[str, str], dict[str, str]]:
-    """(copies → original, transposed copies → original) among the large initializers."""
+def _repeated_initializers(graph: onnx.GraphProto, min_elements: int) -> tuple[dict[str, str], dict[str, str]]:
+    """(copies → original, transposed copies → original) among initializers of `min_elements` or more."""
     # Named parameters first, so they are the copies kept and folded `onnx::` constants go.
     candidates = sorted(
-        (i for i in graph.initializer if np.prod(i.dims) >= DEDUPE_MIN_ELEMENTS), key=lambda i: i.name.startswith("onnx::")
+        (i for i in graph.initializer if np.prod(i.dims) >= min_elements), key=lambda i: i.name.startswith("onnx::")
     )
     by_digest: dict[tuple[str, tuple[int, ...], int], str] = {}
     renames: dict[str, str] = {}
@@ -69,22 +213,22 @@ def _repeated_initializers(graph: onnx.GraphProto) -> tuple[dict[str, str], dict
     return renames, transposed
 
 
-def store_shared_weights_once(model: onnx.ModelProto) -> int:
+def store_shared_weights_once(model: onnx.ModelProto, min_elements: int = DEDUPE_MIN_ELEMENTS) -> int:
     """Replace initializers that repeat another one (or its transpose) by a reference to it.
 
-    Constant folding turns a tied LM head `h @ E.T` into a second, transposed copy of the
-    embedding E (113 MB for SmolLM-135M); no maintained ONNX tool undoes that, so this
-    pass does: identical copies are renamed to the original, transposed copies become a
-    Transpose node reading the original. Returns the bytes saved.
+    Quantizers (and constant folding) turn a tied LM head `h @ E.T` into a second, transposed
+    copy of the embedding E (113 MB for SmolLM-135M at fp32); no maintained ONNX tool undoes
+    that, so this pass does: identical copies are renamed to the original, transposed copies
+    become a Transpose node reading the original. Returns the bytes saved.
     """
     graph = model.graph
     # In a helper, so no reference to a message outlives the search (it would keep a copy alive below).
-    renames, transposed = _repeated_initializers(graph)
+    renames, transposed = _repeated_initializers(graph, min_elements)
     if not renames and not transposed:
         return 0
     saved = 0
     for name, original in transposed.items():
-        graph.node.insert(0, helper.make_node("Transpose", [original], [name], name=f"{name}_from_shared", perm=[1, 0]))
+        graph.node.insert(0, helper.make_node("Transpose", [original], [name], name=f"{name}{SHARED_SUFFIX}", perm=[1, 0]))
     # Deleted where they stand: rebuilding the list would copy every kept initializer.
     for index in reversed(range(len(graph.initializer))):
         init = graph.initializer[index]
@@ -112,21 +256,6 @@ def pin_static_axes(model: onnx.ModelProto, dynamic_axes: dict[str, dict[int, st
             if axis not in dynamic:
                 dim.Clear()
                 dim.dim_value = int(shapes[value.name][axis])
-
-
-def finalize(path: Path, dynamic_axes: dict[str, dict[int, str]], shapes: dict[str, tuple[int, ...]]) -> int:
-    """Post-process an exported file in place: static axes pinned, shared weights once,
-    external data only over 2 GB. Returns the bytes saved by sharing."""
-    model = onnx.load(str(path))
-    pin_static_axes(model, dynamic_axes, shapes)
-    saved = store_shared_weights_once(model)
-    # Weights dominate the size; ByteSize() would serialise the whole model once more to count it.
-    large = sum(_nbytes(init) for init in model.graph.initializer) >= TWO_GB
-    if large:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + "_data")
-    else:
-        onnx.save_model(model, str(path))
-    return saved
 
 
 DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64", TensorProto.FLOAT16: "float16", TensorProto.INT32: "int32"}

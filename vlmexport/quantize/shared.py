@@ -17,9 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from vlmexport.errors import BundleError
-from vlmexport.exporter.onnx_io import store_shared_weights_once
-
-SHARED_SUFFIX = "_from_shared"
+from vlmexport.exporter.onnx_io import SHARED_SUFFIX, store_shared_weights_once
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,7 @@ def reshare(model: onnx.ModelProto, tables: list[SharedTable], what: str) -> int
     Raises:
         BundleError: a table that was stored once before is now stored twice (a vlmexport bug).
     """
-    saved = store_shared_weights_once(model)
+    saved = store_shared_weights_once(model, min_elements=min(t.nbytes // 4 for t in tables))  # tiny tables too
     # The quantized table is at least a quarter of the float one (4-bit is an eighth, plus scales).
     expected = sum(t.nbytes for t in tables) // 8
     if saved < expected:
