@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,8 +101,8 @@ class Bundle:
         return out[0], out[1:]
 
 
-def open_bundle(bundle_dir: Path | str, variant: str = "fp32", threads: int | None = None) -> Bundle:
-    """Open every component of `variant`.
+def open_bundle(bundle_dir: Path | str, variant: str = "fp32", threads: int | None = None, components: Collection[str] | None = None) -> Bundle:
+    """Open every component of `variant` (or only `components`, to hold fewer graphs in memory).
 
     Raises:
         BundleError: no manifest, unknown variant, or a graph ONNX Runtime cannot load.
@@ -111,6 +112,8 @@ def open_bundle(bundle_dir: Path | str, variant: str = "fp32", threads: int | No
     manifest.component_file("vision_encoder", variant)  # raises for a variant the bundle lacks
     sessions = {}
     for component, relative in manifest.variants[variant].items():
+        if components is not None and component not in components:
+            continue
         path = bundle_dir / relative
         if not path.is_file():
             raise BundleError(f"{relative} is missing from the bundle", "re-run `vlmexport export`")
