@@ -254,7 +254,7 @@ def bench(
                       f"{r.peak_rss_mb:.0f} ({r.base_rss_mb:.0f})", f"{r.size_mb:.1f}", f"{r.bound_ms:.2f}", f"{r.decode_ms / r.bound_ms:.2f}")
     Console(width=max(out.width, 150)).print(table)  # one line per backend even on a narrow terminal
     load = ", ".join(f"{x:.1f}" for x in report.load_average)
-    out.print(f"memory bandwidth {report.bandwidth_gbs:.1f} GB/s (numpy copy, read + write); bound = decoder weight bytes / bandwidth; load average {load}")
+    out.print(f"memory bandwidth {report.bandwidth_gbs:.1f} GB/s (reads, all threads); bound = decoder weight bytes / bandwidth; load average {load}")
 
 
 @app.command()
