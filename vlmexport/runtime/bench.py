@@ -7,9 +7,10 @@ are medians over `repeats` runs after one warm-up run. Decoding ignores EOS: exa
 
 The per-token lower bound is what a decode step cannot beat on this machine: it must read
 every decoder weight once (the tied head included), so bound = decoder weight bytes /
-memory read bandwidth, measured by reducing a 256 MB array on all threads. (A copy's read +
-write rate, STREAM's convention, is not what a decode step does; on this machine it read
-38–71 GB/s from run to run against 40–44 GB/s for reads.)
+memory read bandwidth, measured by reducing a 256 MB array on all threads (a decode step
+reads weights; a copy's read + write rate, STREAM's convention, is another quantity). On the
+shared 2-core machine this was written on, it varied between runs (42–66 GB/s), so compare
+the ratio of one run.
 """
 
 from __future__ import annotations
