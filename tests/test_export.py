@@ -333,3 +333,70 @@ def test_write_graph_streams_weights_into_a_model_onnxruntime_runs(tmp_path: Pat
     x = rng.standard_normal((3, 6)).astype(np.float32)
     (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(y, x @ weights["w"].numpy() + weights["b"].numpy(), rtol=1e-5)
+
+
+def _shape_graph(kind: str) -> onnx.ModelProto:
+    """x [batch_size, prefix_length, 6] → y, through traced-style shape arithmetic."""
+    from onnx import TensorProto, helper
+
+    def const(name: str, values: list[int]) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero_scalar"], ["b"], axis=0),
+        helper.make_node("Gather", ["shape", "one_scalar"], ["p"], axis=0),
+    ]
+    if kind == "reshape":  # y = x.reshape(B, P, 2, 3)
+        nodes += [
+            helper.make_node("Unsqueeze", ["b", "zero"], ["b1"]),
+            helper.make_node("Unsqueeze", ["p", "zero"], ["p1"]),
+            helper.make_node("Concat", ["b1", "p1", "two_three"], ["target"], axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["y"]),
+        ]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", "prefix_length", 2, 3])
+    else:  # y = x * min(P, 1): 1 for every P > 0, but 0 for an empty prefix
+        nodes += [
+            helper.make_node("Min", ["p", "one_scalar"], ["m"]),
+            helper.make_node("Cast", ["m"], ["mf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["x", "mf"], ["y"]),
+        ]
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", "prefix_length", 6])
+    scalars = [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in (("zero_scalar", 0), ("one_scalar", 1))]
+    inits = [const("zero", [0]), const("two_three", [2, 3]), *scalars]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", "prefix_length", 6])], [out], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("kind", ["reshape", "min"])
+def test_shape_arithmetic_folds_only_what_holds_for_every_size(kind: str) -> None:
+    import onnxruntime as ort
+
+    from vlmexport.exporter.simplify import fold_shape_arithmetic
+
+    model = _shape_graph(kind)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    removed = fold_shape_arithmetic(folded)
+    ops = [n.op_type for n in folded.graph.node]
+    if kind == "reshape":  # the target becomes [0, 0, 2, 3]: no shape arithmetic left
+        assert removed == 6 and ops == ["Reshape"]
+    else:  # min(P, 1) is 1 for every P > 0 but 0 for P = 0: must stay computed
+        assert "Min" in ops
+    for batch, prefix in [(2, 3), (1, 0), (4, 1)]:
+        x = np.random.default_rng(0).standard_normal((batch, prefix, 6)).astype(np.float32)
+        run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for m in (model, folded)]
+        np.testing.assert_array_equal(run[0], run[1])
+
+
+def test_decoder_graphs_keep_little_shape_arithmetic(export_tiny) -> None:
+    # As traced, every layer recomputes its reshape targets (8 per layer) and rotary half-width
+    # from Shape nodes; folded, one target per layer stays computed (the attention output's,
+    # whose input shape inference loses at batch 1) beside the mask's and the logits' own.
+    bundle = export_tiny("compact")
+    graph = _graph(bundle, "decoder/model.onnx").graph
+    layers = read_manifest(bundle).model["num_layers"]
+    inits = {i.name for i in graph.initializer}
+    computed_targets = [n for n in graph.node if n.op_type == "Reshape" and n.input[1] not in inits]
+    shapes = [n for n in graph.node if n.op_type == "Shape"]
+    assert len(computed_targets) <= layers + 2 and len(shapes) <= 2 * layers + 8, (len(computed_targets), len(shapes))

@@ -38,16 +38,21 @@ def grouped_attention(
     **kwargs: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention over grouped query heads: query [B, H, Sq, D], key/value [B, KV, Sk, D]
-    → (output [B, Sq, H, D], weights [B, H, Sq, Sk]). Head h reads KV head h // G, as repeat_kv does."""
+    → (output [B, Sq, KV, G, D], weights [B, KV, G, Sq, Sk]); H = KV·G, head h reads KV head
+    h // G as repeat_kv has it, and the output's last three axes flatten to eager's [H·D]."""
     groups = module.num_key_value_groups
-    grouped = query.unflatten(1, (-1, groups))  # [B, KV, G, Sq, D]
+    # Sizes written out (not unflatten/flatten): every target is then the query's own shape,
+    # which simplify.py can turn into a constant.
+    batch, _, length, dim = query.shape
+    grouped = query.reshape(batch, key.shape[1], groups, length, dim)  # [B, KV, G, Sq, D]
     scores = torch.matmul(grouped, key.unsqueeze(2).transpose(3, 4)) * scaling  # [B, KV, G, Sq, Sk]
     if attention_mask is not None:
         scores = scores + attention_mask.unsqueeze(2)
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value.unsqueeze(2))  # [B, KV, G, Sq, D]
-    return output.flatten(1, 2).transpose(1, 2).contiguous(), weights.flatten(1, 2)
+    # [B, Sq, KV, G, D]: the attention modules reshape the output to [B, Sq, -1] themselves.
+    return output.permute(0, 3, 1, 2, 4).contiguous(), weights
 
 
 AttentionInterface.register(NAME, grouped_attention)

@@ -16,6 +16,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from vlmexport.errors import BundleError
+from vlmexport.exporter.simplify import fold_shape_arithmetic
 
 TWO_GB = 2**31
 SHARED_SUFFIX = "_from_shared"  # a Transpose reading a table stored once (see quantize/shared.py)
@@ -100,10 +101,11 @@ def write_graph(
     the tied head's Transpose marked as reading a shared table (`*_from_shared`, what quantize
     looks for), the weights streamed from the tensors; external data only over 2 GB."""
     graph = model.graph
+    pin_static_axes(model, dynamic_axes, shapes)
+    fold_shape_arithmetic(model)  # while the weights are still declared inputs, with their shapes
     inputs = [value for value in graph.input if value.name not in weights]
     del graph.input[:]
     graph.input.extend(inputs)
-    pin_static_axes(model, dynamic_axes, shapes)
     for node in graph.node:
         if node.op_type == "Transpose" and node.input[0] in weights and weights[node.input[0]].dim() == 2:
             node.name = f"{node.output[0]}{SHARED_SUFFIX}"

@@ -1,0 +1,247 @@
+"""Fold the traced graphs' shape arithmetic into constants.
+
+The TorchScript tracer records every `x.shape[...]` as nodes — Shape, Gather, Unsqueeze,
+Concat, Div, Cast, Slice … — so each decoder layer recomputes the same reshape targets and
+rotary half-widths on every step: ~40 nodes per layer, a third of what a cached step runs.
+Most of those values do not depend on the dynamic axes at all (the rotary half-width is 32
+whatever the batch), and the reshape targets that do are expressible as constants with
+Reshape's own conventions (0 = keep this axis, -1 = infer one axis). Neither the exporter,
+onnx's shape inference (it keeps no values) nor onnxscript's optimizer (it cannot see
+through the batch and sequence axes) folds them, so this pass does.
+
+How: the graph's dynamic axes are given several concrete sizes — all different, and each
+sequence axis zero once, since the graphs accept empty prefixes, ids and pasts — and for each
+assignment onnx's shape inference gives every activation's shape, from which onnx's
+reference evaluator computes every value of the shape arithmetic. A value equal under every
+assignment is a constant; a Reshape target that differs is replaced when a 0/-1 form
+reproduces it under every assignment. Whatever cannot be shown so is left as traced.
+"""
+
+from __future__ import annotations
+
+from itertools import count
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+from onnx.reference import ReferenceEvaluator
+
+# Ops of shape arithmetic: cheap, exact on small integer tensors, no weights.
+SHAPE_OPS = {
+    "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Add", "Sub", "Mul", "Div", "Mod",
+    "Neg", "Abs", "Min", "Max", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or",
+    "Where", "Range", "Reshape", "ConstantOfShape", "Constant", "Identity", "Expand", "Floor", "Ceil", "Sqrt",
+}  # fmt: skip
+MAX_ELEMENTS = 64  # shape vectors and scalars; never an activation
+BATCH = "batch_size"  # graphs.BATCH (not imported: graphs imports torch and transformers)
+CONSTANT_PREFIX = "vlmexport_shape_"
+BASE_SIZES = (3, 5, 7, 11)  # distinct primes: a coincidence between axes cannot pass for a rule
+
+
+MAX_ROUNDS = 4
+
+
+def fold_shape_arithmetic(model: onnx.ModelProto) -> int:
+    """Replace shape arithmetic that is constant under every size of the dynamic axes (and
+    Reshape targets expressible with 0/-1) by initializers, drop the nodes left unused; in
+    place. Returns how many nodes were removed.
+
+    Repeated while it finds more: a Reshape with a constant target lets shape inference
+    follow the graph further than one with a computed target."""
+    removed = 0
+    for _ in range(MAX_ROUNDS):
+        found = _fold_once(model)
+        removed += found
+        if not found:
+            break
+    return removed
+
+
+def _fold_once(model: onnx.ModelProto) -> int:
+    graph = model.graph
+    symbols = _base_symbols(graph)
+    if not symbols:
+        return 0
+    runs = [_shape_values(model, sizes) for sizes in _assignments(symbols)]
+    if any(run is None for run in runs):
+        return 0  # shape inference could not follow the graph: leave it as traced
+    shapes = [run[0] for run in runs]
+    values = [run[1] for run in runs]
+    produced_by_web = set(values[0])
+    taken = {i.name for i in graph.initializer}
+    names = (name for i in count() if (name := f"{CONSTANT_PREFIX}{i}") not in taken)
+    constants: dict[str, str | None] = {}  # arithmetic tensor → initializer holding its value
+    before = len(graph.node)
+    for node in graph.node:
+        if node.op_type in SHAPE_OPS and all(o in produced_by_web for o in node.output):
+            continue  # inside the arithmetic: goes if nothing else reads it
+        for index, name in enumerate(node.input):
+            if name not in produced_by_web:
+                continue
+            if name not in constants:
+                value = _constant(name, values)
+                constants[name] = None if value is None else _add_initializer(graph, value, next(names))
+            replacement = constants[name]
+            if replacement is None and node.op_type == "Reshape" and index == 1:
+                target = _reshape_target(node.input[0], name, shapes, values)
+                replacement = None if target is None else _add_initializer(graph, target, next(names))
+            if replacement is not None:
+                node.input[index] = replacement
+    _remove_unused(graph)
+    return before - len(graph.node)
+
+
+def _add_initializer(graph: onnx.GraphProto, value: np.ndarray, name: str) -> str:
+    graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _base_symbols(graph: onnx.GraphProto) -> list[str]:
+    """Dynamic axis names of the inputs that are not sums of others (`past + sequence`)."""
+    found = []
+    for value in graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and "+" not in dim.dim_param and dim.dim_param not in found:
+                found.append(dim.dim_param)
+    return found
+
+
+def _assignments(symbols: list[str]) -> list[dict[str, int]]:
+    """Sizes per base symbol: two with every axis different, one with batch 1, and one per
+    other axis set to zero (the graphs take an empty prefix, ids or past)."""
+    first = {s: BASE_SIZES[i % len(BASE_SIZES)] + 10 * (i // len(BASE_SIZES)) for i, s in enumerate(symbols)}
+    second = {s: v + 6 for s, v in first.items()}
+    out = [first, second]
+    out += [{**first, s: 1 if s == BATCH else 0} for s in symbols]
+    return out
+
+
+def _size(dim_param: str, sizes: dict[str, int]) -> int:
+    return sum(sizes[part.strip()] for part in dim_param.split("+"))
+
+
+def _shape_values(model: onnx.ModelProto, sizes: dict[str, int]) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]] | None:
+    """(shape of every tensor, value of every shape-arithmetic tensor) with the axes at `sizes`."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_value = _size(dim.dim_param, sizes)
+    for value in fixed.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    try:
+        inferred = shape_inference.infer_shapes(fixed, data_prop=True)
+    except onnx.shape_inference.InferenceError:
+        return None
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+    return shapes, _evaluate_web(model, shapes)
+
+
+def _evaluate_web(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Values of the shape arithmetic: its nodes as a model of their own, each Shape of an
+    activation replaced by an input fed that activation's (inferred) shape."""
+    graph = model.graph
+    small = {i.name: i for i in graph.initializer if int(np.prod(i.dims)) <= MAX_ELEMENTS}
+    known: set[str] = set(small)
+    nodes, feeds = [], {}
+    for node in graph.node:
+        if node.op_type not in SHAPE_OPS:
+            continue
+        if node.op_type == "Shape":
+            if node.input[0] not in shapes:
+                continue
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            full = np.array(shapes[node.input[0]], np.int64)
+            feeds[node.output[0]] = full[slice(attrs.get("start", 0), attrs.get("end"))]
+            known.add(node.output[0])
+            continue
+        if all(not name or name in known for name in node.input):
+            nodes.append(node)
+            known.update(node.output)
+    if not nodes:
+        return dict(feeds)
+    inputs = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in feeds]
+    outputs = [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for n in nodes for o in n.output]
+    sub = onnx.helper.make_graph(nodes, "shape_arithmetic", inputs, outputs, list(small.values()))
+    evaluator = ReferenceEvaluator(onnx.helper.make_model(sub, opset_imports=model.opset_import))
+    try:
+        results = evaluator.run(None, feeds)
+    except Exception:  # the reference evaluator raises many types; nothing is folded then
+        return dict(feeds)
+    values = dict(feeds)
+    for name, value in zip([o.name for o in outputs], results):
+        array = np.asarray(value)
+        if array.size <= MAX_ELEMENTS:
+            values[name] = array
+    return values
+
+
+def _constant(name: str, values: list[dict[str, np.ndarray]]) -> np.ndarray | None:
+    """The value of `name` if it is the same under every assignment."""
+    if not all(name in run for run in values):
+        return None
+    first = values[0][name]
+    same = all(run[name].dtype == first.dtype and run[name].shape == first.shape and np.array_equal(run[name], first) for run in values)
+    return first.copy() if same else None
+
+
+def _reshape_target(data: str, target: str, shapes: list[dict[str, tuple[int, ...]]], values: list[dict[str, np.ndarray]]) -> np.ndarray | None:
+    """A constant target — sizes, 0 (keep the input's axis), at most one -1 — giving the same
+    output shape as the traced `target` under every assignment, or None."""
+    if not all(data in s for s in shapes) or not all(target in v for v in values):
+        return None
+    inputs = [s[data] for s in shapes]
+    traced = [[int(x) for x in v[target]] for v in values]
+    if any(len(t) != len(traced[0]) for t in traced):
+        return None
+    wanted = [_resolve(t, shape) for t, shape in zip(traced, inputs)]
+    if None in wanted:
+        return None
+    encoded = []
+    for axis in range(len(traced[0])):
+        column = [w[axis] for w in wanted]
+        if len(set(column)) == 1 and column[0] > 0:
+            encoded.append(column[0])
+        elif all(axis < len(shape) and shape[axis] == size for shape, size in zip(inputs, column)):
+            encoded.append(0)
+        else:
+            encoded.append(-1)
+    if encoded.count(-1) > 1 or any(_resolve(encoded, shape) != want for shape, want in zip(inputs, wanted)):
+        return None
+    return np.array(encoded, np.int64)
+
+
+def _resolve(encoded: list[int], shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Reshape's output shape for `encoded` on an input of `shape` (allowzero=0), or None
+    where that is not well defined."""
+    if encoded.count(-1) > 1 or any(d == 0 and i >= len(shape) for i, d in enumerate(encoded)):
+        return None
+    dims = [shape[i] if d == 0 else d for i, d in enumerate(encoded)]
+    if -1 in dims:
+        known = int(np.prod([d for d in dims if d != -1]))
+        total = int(np.prod(shape))
+        if known == 0:
+            return None  # -1 beside an empty axis is ambiguous
+        dims[dims.index(-1)] = total // known
+    return tuple(dims)
+
+
+def _remove_unused(graph: onnx.GraphProto) -> None:
+    """Drop nodes (and initializers added above) that nothing reads, repeatedly."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [i for i, node in enumerate(graph.node) if not any(o in used for o in node.output)]
+        if not dead:
+            break
+        for index in reversed(dead):
+            del graph.node[index]
+    used = {name for node in graph.node for name in node.input} | outputs
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in used:
+            del graph.initializer[index]  # the traced graph's own constants, and ones added above
