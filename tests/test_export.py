@@ -237,12 +237,13 @@ def test_smoke_parity_failure_exits_1_and_writes_nothing(make_checkpoint, tmp_pa
     real = export_module.write_graph
 
     def corrupt(graph, weights, path, *args, **kwargs):
-        real(graph, weights, path, *args, **kwargs)
+        described = real(graph, weights, path, *args, **kwargs)
         if path.name == "projection.onnx":
             model = onnx.load(str(path))
             weight = max(model.graph.initializer, key=lambda i: np.prod(i.dims))
             weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
             onnx.save(model, str(path))
+        return described
 
     monkeypatch.setattr(export_module, "write_graph", corrupt)
     code = main(["export", "--model-dir", str(make_checkpoint("tiny")), "--output-dir", str(tmp_path / "o")])

@@ -21,7 +21,7 @@ from vlmexport.exporter import graphs
 from vlmexport.exporter.attention import export_attention
 from vlmexport.exporter.manifest import LAYOUTS, Manifest
 from vlmexport.exporter.memory import release_freed_memory, store_linear_weights_transposed
-from vlmexport.exporter.onnx_io import signature, trace_graph, write_graph
+from vlmexport.exporter.onnx_io import trace_graph, write_graph
 from vlmexport.fsutil import atomic_output_dir, check_output_dir
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.samples import sample_images
@@ -126,8 +126,11 @@ def _write_side_files(checkpoint: Checkpoint, model: PrefixConditioningVLM, out:
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def _export_graphs(model: PrefixConditioningVLM, layout: str, shape: graphs.DecoderShape, out: Path, opset: int, step: Callable[[str], None]) -> int:
-    """Trace and write every component's graphs into `out`; returns the prefix length.
+def _export_graphs(
+    model: PrefixConditioningVLM, layout: str, shape: graphs.DecoderShape, out: Path, opset: int, step: Callable[[str], None]
+) -> tuple[int, dict[str, dict]]:
+    """Trace and write every component's graphs into `out`; returns the prefix length and each
+    graph's signature.
 
     Memory: the graphs are traced without their weights, which are then streamed from the
     PyTorch tensors into the files (onnx_io), and each component's weights are released once
@@ -143,6 +146,7 @@ def _export_graphs(model: PrefixConditioningVLM, layout: str, shape: graphs.Deco
     release_freed_memory()
     owners = {name: model.causal_lm if name not in ("vision_encoder", "projection") else getattr(model, name) for name in modules}
     prefix_length = 0
+    signatures: dict[str, dict] = {}
     for index, (name, module) in enumerate(modules.items()):
         step(f"exporting {name}")
         args = inputs.pop(name)
@@ -153,14 +157,14 @@ def _export_graphs(model: PrefixConditioningVLM, layout: str, shape: graphs.Deco
             results = module(*args)
         results = results if isinstance(results, tuple) else (results,)
         shapes = dict(zip(module.input_names + module.output_names, [tuple(t.shape) for t in (*args, *results)]))
-        write_graph(graph, weights, out / files[name], module.dynamic_axes, shapes)
+        signatures[name] = write_graph(graph, weights, out / files[name], module.dynamic_axes, shapes)
         del graph, weights
         if name == "projection":
             prefix_length = int(shapes["vision_hidden_states"][1])
         if all(owners[later] is not owners[name] for later in list(modules)[index + 1 :]):
             owners[name].to("meta")  # the weights go; module tree and shapes stay
             release_freed_memory()
-    return prefix_length
+    return prefix_length, signatures
 
 
 def _check_graphs(out: Path, files: dict[str, str]) -> None:
@@ -209,14 +213,14 @@ def export_bundle(
         pixels = checkpoint.preprocessor(sample_images(1, checkpoint.preprocessor.height))
         recorded = record_reference(TorchRunner(model), pixels)
     with atomic_output_dir(output_dir, force) as tmp:
-        prefix_length = _export_graphs(model, layout, shape, tmp, opset, step)
+        prefix_length, signatures = _export_graphs(model, layout, shape, tmp, opset, step)
         step("writing tokenizer, configs and manifest")
         _write_side_files(checkpoint, model, tmp)
         versions = {lib: version(lib) for lib in LIBRARIES}
         manifest = Manifest(layout, opset, _model_facts(checkpoint, model, shape, prefix_length, parameters), versions)
         manifest.variants["fp32"] = dict(files)
         for name, relative in files.items():
-            manifest.describe_file(tmp, relative, component=name, variant="fp32", **signature(tmp / relative))
+            manifest.describe_file(tmp, relative, component=name, variant="fp32", **signatures[name])
         # Side files, and any `<graph>.onnx_data` written for graphs over 2 GB.
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             if path.relative_to(tmp).as_posix() not in manifest.files:
@@ -226,6 +230,7 @@ def export_bundle(
         if recorded is not None:
             step("verifying (onnx.checker, onnxruntime, smoke parity)")
             _check_graphs(tmp, files)
+            release_freed_memory()  # the checker's copies of the graphs
             # One group of sessions at a time: both decoder graphs of the distilvit layout beside
             # the vision encoder were the export's peak (1.8 GB of sessions at full size).
             smoke = prefix_parity(recorded, open_bundle(tmp, components=("vision_encoder", "projection")))

@@ -96,10 +96,11 @@ def write_graph(
     path: Path,
     dynamic_axes: dict[str, dict[int, str]],
     shapes: dict[str, tuple[int, ...]],
-) -> None:
+) -> dict[str, list[dict[str, Any]]]:
     """Write a traced graph with its parameters as initializers: static axes pinned to integers,
-    the tied head's Transpose marked as reading a shared table (`*_from_shared`, what quantize
-    looks for), the weights streamed from the tensors; external data only over 2 GB."""
+    shape arithmetic folded, the tied head's Transpose marked as reading a shared table
+    (`*_from_shared`, what quantize looks for), the weights streamed from the tensors; external
+    data only over 2 GB. Returns the graph's signature (reading it back would load the weights)."""
     graph = model.graph
     pin_static_axes(model, dynamic_axes, shapes)
     fold_shape_arithmetic(model)  # while the weights are still declared inputs, with their shapes
@@ -110,11 +111,13 @@ def write_graph(
         if node.op_type == "Transpose" and node.input[0] in weights and weights[node.input[0]].dim() == 2:
             node.name = f"{node.output[0]}{SHARED_SUFFIX}"
     path.parent.mkdir(parents=True, exist_ok=True)
+    described = graph_signature(model)
     arrays = [(name, tensor.detach().numpy()) for name, tensor in weights.items()]  # views, no copies
     if sum(array.nbytes for _, array in arrays) >= TWO_GB:
         _write_external(model, arrays, path)
     else:
         _write_streamed(model, arrays, path)
+    return described
 
 
 def _varint(value: int) -> bytes:
@@ -270,8 +273,12 @@ def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
 
 
 def signature(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Inputs and outputs (names, dtypes, shapes with symbolic axes) without loading weights."""
-    model = onnx.load(str(path), load_external_data=False)
+    """Inputs and outputs (names, dtypes, shapes with symbolic axes) of a graph file."""
+    return graph_signature(onnx.load(str(path), load_external_data=False))
+
+
+def graph_signature(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """Inputs (initializers excluded) and outputs: names, dtypes, shapes with symbolic axes."""
     inits = {i.name for i in model.graph.initializer}
     return {
         "inputs": [_value_info(v) for v in model.graph.input if v.name not in inits],
