@@ -13,9 +13,17 @@ ACTIVATION_TOLERANCE = 1e-4
 LOGITS_TOLERANCE = 1e-3
 
 
-def decode_passes(runner: Runner, prefix: np.ndarray, tokens: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+Pass = tuple[np.ndarray, list[np.ndarray]]  # (logits, present)
+
+
+def decode_passes(runner: Runner, prefix: np.ndarray, tokens: np.ndarray) -> list[Pass]:
     """(logits, present) of the first pass, then of one cached step per column of `tokens`."""
-    logits, past = runner.first_pass(prefix)
+    return continue_passes(runner, runner.first_pass(prefix), tokens)
+
+
+def continue_passes(runner: Runner, first: Pass, tokens: np.ndarray) -> list[Pass]:
+    """`first`, then one cached step of `runner` per column of `tokens` after it."""
+    logits, past = first
     passes = [(logits, past)]
     for column in range(tokens.shape[1]):
         logits, past = runner.step(tokens[:, column : column + 1], past)
@@ -61,13 +69,14 @@ def prefix_parity(recorded: SmokeReference, candidate: Runner) -> list[Measureme
     ]
 
 
-def decoder_parity(recorded: SmokeReference, candidate: Runner, layout: str) -> list[Measurement]:
-    """The first pass and the cached steps (the candidate needs only its decoder graphs)."""
+def decoder_parity(recorded: SmokeReference, layout: str, first: Pass, stepper: Runner) -> list[Measurement]:
+    """The candidate's first pass (`first`, run on `recorded.prefix`) and its cached steps
+    (`stepper` needs only the graph that runs them)."""
     out = []
-    first, later = ("prefix_init", "language_model") if layout == "distilvit" else ("decoder", "decoder")
-    passes = zip(recorded.passes, decode_passes(candidate, recorded.prefix, recorded.tokens))
+    first_name, later = ("prefix_init", "language_model") if layout == "distilvit" else ("decoder", "decoder")
+    passes = zip(recorded.passes, continue_passes(stepper, first, recorded.tokens))
     for i, ((ref_logits, ref_past), (got_logits, got_past)) in enumerate(passes):
-        name = first if i == 0 else f"{later} step {i}"
+        name = first_name if i == 0 else f"{later} step {i}"
         present = max(map(max_abs, ref_past, got_past), default=0.0) if len(ref_past) == len(got_past) else float("inf")
         out.append(Measurement(name, "logits", "max_abs", max_abs(ref_logits, got_logits), LOGITS_TOLERANCE))
         out.append(Measurement(name, "present.*", "max_abs", present, ACTIVATION_TOLERANCE))
