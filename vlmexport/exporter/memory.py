@@ -1,14 +1,15 @@
-"""Keeping export's peak memory to one component plus its serialisation.
+"""Keeping export's peak memory to the model once.
 
-Three things no library does for us here:
+Two things no library does for us here (the rest is in onnx_io: parameters traced as graph
+inputs and streamed into the files; and in export.py: each component released with
+`module.to("meta")` once its graphs are written):
 - `release_freed_memory`: glibc keeps freed heap memory (its mmap threshold grows after large
   frees, so later tensors come from the heap) until asked to return it; after the merge check
   of a full-size export that was 0.18 GB (1.52 → 1.34 GB resident).
-- `store_linear_weights_transposed`: the TorchScript exporter constant-folds `x @ W.T` of every
-  nn.Linear into a transposed copy of W, so for the length of the export every weight exists
-  twice (0.43 GB for SmolLM-135M's decoder). Stored transposed beforehand, W.T *is* the
-  parameter and the graph reads it as is: same MatMul, same initializer values, no copy.
-- releasing a component (`module.to("meta")`) once its graphs are traced, in export.py.
+- `store_linear_weights_transposed`: nn.Linear computes `x @ W.T`. Traced with W as a constant,
+  the exporter folds W.T into a second copy of every weight (0.43 GB for SmolLM-135M's decoder);
+  traced with W as an input, every MatMul would read a Transpose node, which quantizers cannot
+  quantize. Stored transposed beforehand, W.T *is* the parameter and the MatMul reads it as is.
 """
 
 from __future__ import annotations
