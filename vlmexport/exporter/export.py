@@ -19,7 +19,7 @@ from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME
 from vlmexport.errors import BundleError, ParityError, UsageError
 from vlmexport.exporter import graphs
 from vlmexport.exporter.attention import export_attention
-from vlmexport.exporter.manifest import LAYOUTS, Manifest
+from vlmexport.exporter.manifest import LAYOUTS, Manifest, decoder_graphs
 from vlmexport.exporter.memory import release_freed_memory, store_linear_weights_transposed
 from vlmexport.exporter.onnx_io import trace_graph, write_graph
 from vlmexport.fsutil import atomic_output_dir, check_output_dir
@@ -234,7 +234,7 @@ def export_bundle(
             # One graph's sessions at a time (vision and projection together): every graph of
             # the distilvit layout open at once was the export's peak (1.8 GB of sessions).
             smoke = prefix_parity(recorded, open_bundle(tmp, components=("vision_encoder", "projection")))
-            first_graph, step_graph = ("prefix_init", "language_model") if layout == "distilvit" else ("decoder", "decoder")
+            first_graph, step_graph = decoder_graphs(layout)
             decoder = open_bundle(tmp, components=(first_graph,))
             first = decoder.first_pass(recorded.prefix)
             if step_graph != first_graph:

@@ -14,14 +14,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from vlmexport.exporter.names import past_names, present_names
-
-BATCH = "batch_size"
-SEQ = "sequence_length"
-PAST = "past_sequence_length"
-TOTAL = "past_sequence_length + sequence_length"
-PREFIX = "prefix_length"
-LOGITS = "logits_length"
+from vlmexport.exporter.names import BATCH, LOGITS, PAST, PREFIX, SEQ, TOTAL, past_names, present_names
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,11 @@ LAYOUTS: dict[str, dict[str, str]] = {
 VARIANTS = ("fp32", "int8", "uint8", "fp16", "q4")
 
 
+def decoder_graphs(layout: str) -> tuple[str, str]:
+    """(the graph of the first pass, the graph of the cached steps) of a layout."""
+    return ("prefix_init", "language_model") if layout == "distilvit" else ("decoder", "decoder")
+
+
 def variant_path(fp32_path: str, variant: str) -> str:
     """`vision_encoder/model.onnx` → `vision_encoder/model_int8.onnx`; fp32 keeps the plain name."""
     if variant == "fp32":

@@ -26,6 +26,8 @@ import onnx
 from onnx import numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
+from vlmexport.exporter.names import BATCH
+
 # Ops of shape arithmetic: cheap, exact on small integer tensors, no weights.
 SHAPE_OPS = {
     "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Add", "Sub", "Mul", "Div", "Mod",
@@ -33,7 +35,6 @@ SHAPE_OPS = {
     "Where", "Range", "Reshape", "ConstantOfShape", "Constant", "Identity", "Expand", "Floor", "Ceil", "Sqrt",
 }  # fmt: skip
 MAX_ELEMENTS = 64  # shape vectors and scalars; never an activation
-BATCH = "batch_size"  # graphs.BATCH (not imported: graphs imports torch and transformers)
 CONSTANT_PREFIX = "vlmexport_shape_"
 BASE_SIZES = (3, 5, 7, 11)  # distinct primes: a coincidence between axes cannot pass for a rule
 

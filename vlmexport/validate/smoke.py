@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlmexport.exporter.manifest import decoder_graphs
 from vlmexport.runtime.runner import Runner
 from vlmexport.validate.metrics import Measurement, max_abs
 
@@ -73,7 +74,7 @@ def decoder_parity(recorded: SmokeReference, layout: str, first: Pass, stepper: 
     """The candidate's first pass (`first`, run on `recorded.prefix`) and its cached steps
     (`stepper` needs only the graph that runs them)."""
     out = []
-    first_name, later = ("prefix_init", "language_model") if layout == "distilvit" else ("decoder", "decoder")
+    first_name, later = decoder_graphs(layout)
     passes = zip(recorded.passes, continue_passes(stepper, first, recorded.tokens))
     for i, ((ref_logits, ref_past), (got_logits, got_past)) in enumerate(passes):
         name = first_name if i == 0 else f"{later} step {i}"
