@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens
 from vlmexport.checkpoint.load import load_checkpoint
 from vlmexport.cli import main
-from vlmexport.exporter.export import export_bundle
+from vlmexport.exporter.export import DEFAULT_OPSET, export_bundle
 from vlmexport.exporter.manifest import MANIFEST_NAME, read_manifest
 from vlmexport.exporter.names import past_names
 from vlmexport.runtime.bundle import open_bundle
@@ -26,15 +26,17 @@ from vlmexport.samples import sample_images
 
 @pytest.fixture(scope="session")
 def export_tiny(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """Factory: an exported bundle per (layout, text, vision, projection), built once per session."""
-    built: dict[tuple[str, ...], Path] = {}
+    """Factory: an exported bundle per (layout, text, vision, projection, opset), built once per session."""
+    built: dict[tuple[object, ...], Path] = {}
 
-    def build(layout: str = "distilvit", text: str = "llama", vision: str = "siglip_vision_model", projection: str = "linear") -> Path:
-        key = (layout, text, vision, projection)
+    def build(
+        layout: str = "distilvit", text: str = "llama", vision: str = "siglip_vision_model", projection: str = "linear", opset: int = DEFAULT_OPSET
+    ) -> Path:
+        key = (layout, text, vision, projection, opset)
         if key not in built:
             ckpt = make_checkpoint(f"{text}-{vision}-{projection}", text=text, vision=vision, projection=projection)
             out = tmp_path_factory.mktemp("bundle") / "onnx"
-            result = export_bundle(ckpt, out, layout=layout)
+            result = export_bundle(ckpt, out, layout=layout, opset=opset)
             assert result.smoke and all(m.passed for m in result.smoke)
             built[key] = out
         return built[key]
@@ -50,10 +52,11 @@ def _declared(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
+@pytest.mark.parametrize("opset", [18, 23])  # decomposed attention; Attention + RotaryEmbedding ops
 @pytest.mark.parametrize("layout", ["distilvit", "compact"])
 @pytest.mark.parametrize("text", ["llama", "gpt2", "opt"])
-def test_greedy_tokens_from_the_bundle_equal_pytorch_lora_model(export_tiny, make_checkpoint, layout: str, text: str) -> None:
-    bundle_dir = export_tiny(layout, text)
+def test_greedy_tokens_from_the_bundle_equal_pytorch_lora_model(export_tiny, make_checkpoint, layout: str, text: str, opset: int) -> None:
+    bundle_dir = export_tiny(layout, text, opset=opset)
     checkpoint = load_checkpoint(make_checkpoint(f"{text}-siglip_vision_model-linear", text=text))
     pixels = checkpoint.preprocessor(sample_images(3, 32))
     expected = generate_tokens(checkpoint.model, checkpoint.tokenizer, pixels, DecodeOptions(max_new_tokens=8))
@@ -266,7 +269,10 @@ def test_graphs_over_the_size_limit_use_external_data_listed_in_the_manifest(mak
     assert bundle.first_pass(bundle.prefix(np.zeros((1, 3, 32, 32), np.float32)))[0].shape[1] == 1
 
 
-def test_grouped_attention_equals_eager_attention_on_a_gqa_decoder(make_checkpoint) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_export_attention_equals_eager_attention_on_a_gqa_decoder(make_checkpoint, fused: bool) -> None:
+    # What PyTorch computes while tracing is what the smoke parity then holds the graph to, so
+    # both implementations must compute eager attention (and transformers' rotary) themselves.
     import torch
 
     from vlmexport.exporter.attention import export_attention, has_grouped_kv
@@ -276,10 +282,13 @@ def test_grouped_attention_equals_eager_attention_on_a_gqa_decoder(make_checkpoi
     ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         eager = lm(input_ids=ids).logits
-        with export_attention(lm):
+        with export_attention(lm, fused=fused):
             assert lm.config._attn_implementation != "eager"
             grouped = lm(input_ids=ids).logits
     assert lm.config._attn_implementation == "eager", "the model's own attention is restored"
+    from transformers.models.llama import modeling_llama
+
+    assert modeling_llama.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb", "transformers' rotary is restored"
     assert torch.allclose(grouped, eager, atol=1e-5)
     assert (grouped - eager).abs().max() < 1e-5 < (eager[:, 1:] - eager[:, :-1]).abs().max()
 
@@ -287,13 +296,30 @@ def test_grouped_attention_equals_eager_attention_on_a_gqa_decoder(make_checkpoi
 @pytest.mark.parametrize("layout", ["distilvit", "compact"])
 def test_gqa_decoder_graphs_do_not_copy_kv_heads(export_tiny, layout: str) -> None:
     # transformers' repeat_kv would be one Expand per key and per value in every layer.
-    bundle = export_tiny(layout)
+    bundle = export_tiny(layout, opset=18)
     layers = read_manifest(bundle).model["num_layers"]
-    for relative in read_manifest(bundle).variants["fp32"].values():
-        if "vision" in relative or "projection" in relative:
-            continue
+    for relative in _decoder_graphs(bundle):
         expands = [n for n in _graph(bundle, relative).graph.node if n.op_type == "Expand"]
         assert len(expands) < 2 * layers, relative
+
+
+@pytest.mark.parametrize(("text", "rotary"), [("llama", 2), ("gpt2", 0), ("opt", 0)])
+def test_opset_23_graphs_attend_with_one_attention_node_per_layer(export_tiny, text: str, rotary: int) -> None:
+    bundle = export_tiny("distilvit", text, opset=23)
+    manifest = read_manifest(bundle)
+    layers = manifest.model["num_layers"]
+    assert manifest.opset == 23
+    for relative in _decoder_graphs(bundle):
+        model = _graph(bundle, relative)
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", 23)], relative
+        ops = [n.op_type for n in model.graph.node]
+        assert (ops.count("Attention"), ops.count("RotaryEmbedding"), ops.count("Softmax")) == (layers, rotary * layers, 0), relative
+    vision = [n.op_type for n in _graph(bundle, "vision_encoder/model.onnx").graph.node]
+    assert vision.count("Attention") > 0 and "Softmax" not in vision
+
+
+def _decoder_graphs(bundle: Path) -> list[str]:
+    return [r for r in read_manifest(bundle).variants["fp32"].values() if "vision" not in r and "projection" not in r]
 
 
 def test_linear_weights_are_exported_as_the_parameters_themselves(export_tiny) -> None:
@@ -394,7 +420,8 @@ def test_decoder_graphs_keep_little_shape_arithmetic(export_tiny) -> None:
     # As traced, every layer recomputes its reshape targets (8 per layer) and rotary half-width
     # from Shape nodes; folded, one target per layer stays computed (the attention output's,
     # whose input shape inference loses at batch 1) beside the mask's and the logits' own.
-    bundle = export_tiny("compact")
+    # (Opset 18: at 23 the attention output comes out of one Attention node.)
+    bundle = export_tiny("compact", opset=18)
     graph = _graph(bundle, "decoder/model.onnx").graph
     layers = read_manifest(bundle).model["num_layers"]
     inits = {i.name for i in graph.initializer}

@@ -59,7 +59,9 @@ def export(
     model_dir: ModelDir,
     output_dir: OutputDir = Path("onnx"),
     layout: Annotated[str, typer.Option("--layout", help="distilvit (what prefix_vlm.js loads) or compact (no weight twice)")] = "distilvit",
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset, 18-20")] = 18,
+    opset: Annotated[
+        int | None, typer.Option("--opset", help="ONNX opset 18-23 (default 23: ONNX Attention and RotaryEmbedding ops; 18 for older runtimes)")
+    ] = None,
     force: Force = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip onnx.checker, onnxruntime load and smoke parity")] = False,
     allow_pickle: AllowPickle = False,

@@ -16,8 +16,10 @@ with the eager mask, and switched on only while a decoder with grouped KV heads 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +27,11 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 NAME = "vlmexport_grouped"
+ONNX_NAME = "vlmexport_onnx23"
+# Fused ops are traced under this domain (the TorchScript exporter stops at opset 20), then
+# moved to the default domain at opset 23 by onnx_io.adopt_pending_ops.
+PENDING_DOMAIN = "vlmexport.pending"
+FUSED_OPSET = 23  # the first opset with Attention and RotaryEmbedding
 
 
 def grouped_attention(
@@ -40,7 +47,22 @@ def grouped_attention(
     """Eager attention over grouped query heads: query [B, H, Sq, D], key/value [B, KV, Sk, D]
     → (output [B, Sq, KV, G, D], weights [B, KV, G, Sq, Sk]); H = KV·G, head h reads KV head
     h // G as repeat_kv has it, and the output's last three axes flatten to eager's [H·D]."""
-    groups = module.num_key_value_groups
+    output, weights = _grouped(query, key, value, attention_mask, scaling, module.num_key_value_groups, dropout, module.training)
+    # [B, Sq, KV, G, D]: the attention modules reshape the output to [B, Sq, -1] themselves.
+    return output.permute(0, 3, 1, 2, 4).contiguous(), weights
+
+
+def _grouped(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    groups: int,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [B, KV, G, Sq, D], weights [B, KV, G, Sq, Sk]) for query [B, KV·G, Sq, D]."""
     # Sizes written out (not unflatten/flatten): every target is then the query's own shape,
     # which simplify.py can turn into a constant.
     batch, _, length, dim = query.shape
@@ -49,14 +71,75 @@ def grouped_attention(
     if attention_mask is not None:
         scores = scores + attention_mask.unsqueeze(2)
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value.unsqueeze(2))  # [B, KV, G, Sq, D]
-    # [B, Sq, KV, G, D]: the attention modules reshape the output to [B, Sq, -1] themselves.
-    return output.permute(0, 3, 1, 2, 4).contiguous(), weights
+    weights = nn.functional.dropout(weights, p=dropout, training=training)
+    return torch.matmul(weights, value.unsqueeze(2)), weights  # [B, KV, G, Sq, D]
+
+
+class _AttentionOp(torch.autograd.Function):
+    """ONNX `Attention` (opset 23) in the graph; in PyTorch, the grouped attention above."""
+
+    @staticmethod
+    def forward(ctx: object, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        output, _ = _grouped(query, key, value, mask, scaling, query.shape[1] // key.shape[1])
+        return output.flatten(1, 2)  # [B, H, Sq, D]
+
+    @staticmethod
+    def symbolic(g: Any, query: Any, key: Any, value: Any, mask: Any, scaling: float) -> Any:
+        inputs = (query, key, value) if mask is None or _is_none(mask) else (query, key, value, mask)
+        output = g.op(f"{PENDING_DOMAIN}::Attention", *inputs, scale_f=scaling)
+        output.setType(query.type())
+        return output
+
+
+class _RotaryOp(torch.autograd.Function):
+    """ONNX `RotaryEmbedding` (opset 23, halves rotated, full head) in the graph; in PyTorch,
+    transformers' `x·cos + rotate_half(x)·sin`, with cos/sin given as their first halves."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor) -> torch.Tensor:
+        cos = torch.cat([cos_half, cos_half], dim=-1).unsqueeze(1)  # what transformers' rotary module makes
+        sin = torch.cat([sin_half, sin_half], dim=-1).unsqueeze(1)
+        first, second = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, cos_half: Any, sin_half: Any) -> Any:
+        output = g.op(f"{PENDING_DOMAIN}::RotaryEmbedding", x, cos_half, sin_half)
+        output.setType(x.type())
+        return output
+
+
+def _is_none(value: Any) -> bool:
+    return value.node().mustBeNone() if hasattr(value, "node") else value is None
+
+
+def onnx_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """The attention of an opset-23 graph: one `Attention` node per layer (grouped KV heads
+    read in place, as above), output [B, Sq, H, D] as eager attention returns it."""
+    return _AttentionOp.apply(query, key, value, attention_mask, scaling).transpose(1, 2), None
+
+
+def onnx_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `apply_rotary_pos_emb` for [B, H, S, D] queries and keys, as two
+    `RotaryEmbedding` nodes. Its cos/sin repeat their first half (cat(freqs, freqs)), which is
+    what the op's caches hold."""
+    half = q.shape[-1] // 2
+    return _RotaryOp.apply(q, cos[..., :half], sin[..., :half]), _RotaryOp.apply(k, cos[..., :half], sin[..., :half])
 
 
 AttentionInterface.register(NAME, grouped_attention)
 AttentionMaskInterface.register(NAME, eager_mask)
+AttentionInterface.register(ONNX_NAME, onnx_attention)
+AttentionMaskInterface.register(ONNX_NAME, eager_mask)
 
 
 def has_grouped_kv(config: PretrainedConfig) -> bool:
@@ -66,16 +149,25 @@ def has_grouped_kv(config: PretrainedConfig) -> bool:
 
 
 @contextmanager
-def export_attention(lm: PreTrainedModel) -> Iterator[None]:
+def export_attention(lm: nn.Module, fused: bool = False) -> Iterator[None]:
     """Within the block, `lm` attends with `grouped_attention` when it has grouped KV heads
-    (other decoders keep their eager attention); the previous implementation is restored after."""
-    config = lm.config
-    if not has_grouped_kv(config):
+    (other decoders keep their eager attention); with `fused` (opset 23), every decoder attends
+    with one `Attention` node per layer and rotary decoders rotate with `RotaryEmbedding`.
+    The previous implementation is restored after."""
+    config = lm.config if isinstance(lm, PreTrainedModel) else None
+    name = None if config is None else ONNX_NAME if fused else NAME if has_grouped_kv(config) else None
+    if name is None:
         yield
         return
     previous = config._attn_implementation
-    config._attn_implementation = NAME
+    config._attn_implementation = name
+    rotary = [sys.modules[type(m).__module__] for m in lm.modules() if fused and hasattr(sys.modules[type(m).__module__], "apply_rotary_pos_emb")]
+    originals = {module: module.apply_rotary_pos_emb for module in rotary}
     try:
+        for module in originals:
+            module.apply_rotary_pos_emb = onnx_rotary
         yield
     finally:
         config._attn_implementation = previous
+        for module, original in originals.items():
+            module.apply_rotary_pos_emb = original

@@ -16,9 +16,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from vlmexport.errors import BundleError
+from vlmexport.exporter.attention import PENDING_DOMAIN
 from vlmexport.exporter.simplify import fold_shape_arithmetic
 
 TWO_GB = 2**31
+TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx's TorchScript exporter writes no later opset
 SHARED_SUFFIX = "_from_shared"  # a Transpose reading a table stored once (see quantize/shared.py)
 # Below this, duplicated constants are not worth a node (shape vectors, scalars).
 DEDUPE_MIN_ELEMENTS = 1024
@@ -59,15 +61,35 @@ def trace_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], opset: 
                 input_names=[*module.input_names, *names],
                 output_names=module.output_names,
                 dynamic_axes=module.dynamic_axes,
-                opset_version=opset,
+                opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
                 do_constant_folding=True,
                 dynamo=False,
             )
     finally:
         del module.forward
     model = onnx.load_model_from_string(buffer.getvalue())
+    adopt_pending_ops(model, opset)
     used = {value.name for value in model.graph.input}
     return model, {name: tensor for name, tensor in params.items() if name in used}
+
+
+def adopt_pending_ops(model: onnx.ModelProto, opset: int) -> None:
+    """Give the graph the default-domain `opset` it was asked for, with the opset-23 ops traced
+    under attention.PENDING_DOMAIN moved into the default domain.
+
+    The TorchScript exporter writes at most opset 20. Between 20 and 23 the default-domain
+    operators this exporter emits changed only by accepting more types (the one semantic
+    change, GroupNormalization in 21, is never emitted for these models), so the graph means
+    the same at 23; onnx.checker's full check at the end of export re-validates every node.
+    """
+    if opset <= TORCHSCRIPT_MAX_OPSET:
+        return
+    for node in model.graph.node:
+        if node.domain == PENDING_DOMAIN:
+            node.domain = ""
+    imports = [entry for entry in model.opset_import if entry.domain not in ("", PENDING_DOMAIN)]
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", opset), *imports])
 
 
 @contextmanager

@@ -34,7 +34,9 @@ def session(path: Path, threads: int | None = None, spin: bool = True) -> ort.In
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own, unexported, exception types
-        raise BundleError(f"ONNX Runtime cannot load {path.name} ({str(exc).splitlines()[0][:200]})", "re-export the bundle") from exc
+        message = str(exc).splitlines()[0]
+        fix = f"upgrade onnxruntime ({ort.__version__} here) or re-export with --opset 18" if "opset" in message.lower() else "re-export the bundle"
+        raise BundleError(f"ONNX Runtime cannot load {path.name} ({message[:200]})", fix) from exc
 
 
 @dataclass
