@@ -82,6 +82,20 @@ TEXT: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 128,
         **SPECIAL,
     },
+    # The other rotary decoders: same shapes; Qwen2 adds q/k/v biases.
+    **{
+        kind: {
+            "model_type": kind,
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            **SPECIAL,
+        }
+        for kind in ("mistral", "qwen2")
+    },
     "gpt2": {"model_type": "gpt2", "n_embd": 48, "n_layer": 2, "n_head": 4, "n_positions": 128, **SPECIAL},
     "opt": {
         "model_type": "opt",

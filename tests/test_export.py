@@ -54,7 +54,7 @@ def _declared(value: onnx.ValueInfoProto) -> list[int | str]:
 
 @pytest.mark.parametrize("opset", [18, 23])  # decomposed attention; Attention + RotaryEmbedding ops
 @pytest.mark.parametrize("layout", ["distilvit", "compact"])
-@pytest.mark.parametrize("text", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("text", ["llama", "mistral", "qwen2", "gpt2", "opt"])
 def test_greedy_tokens_from_the_bundle_equal_pytorch_lora_model(export_tiny, make_checkpoint, layout: str, text: str, opset: int) -> None:
     bundle_dir = export_tiny(layout, text, opset=opset)
     checkpoint = load_checkpoint(make_checkpoint(f"{text}-siglip_vision_model-linear", text=text))
@@ -303,7 +303,7 @@ def test_gqa_decoder_graphs_do_not_copy_kv_heads(export_tiny, layout: str) -> No
         assert len(expands) < 2 * layers, relative
 
 
-@pytest.mark.parametrize(("text", "rotary"), [("llama", 2), ("gpt2", 0), ("opt", 0)])
+@pytest.mark.parametrize(("text", "rotary"), [("llama", 2), ("mistral", 2), ("qwen2", 2), ("gpt2", 0), ("opt", 0)])
 def test_opset_23_graphs_attend_with_one_attention_node_per_layer(export_tiny, text: str, rotary: int) -> None:
     bundle = export_tiny("distilvit", text, opset=23)
     manifest = read_manifest(bundle)
@@ -316,6 +316,17 @@ def test_opset_23_graphs_attend_with_one_attention_node_per_layer(export_tiny, t
         assert (ops.count("Attention"), ops.count("RotaryEmbedding"), ops.count("Softmax")) == (layers, rotary * layers, 0), relative
     vision = [n.op_type for n in _graph(bundle, "vision_encoder/model.onnx").graph.node]
     assert vision.count("Attention") > 0 and "Softmax" not in vision
+
+
+def test_rotary_op_refuses_what_onnx_rotaryembedding_cannot_express() -> None:
+    import torch
+
+    from vlmexport.errors import UsageError
+    from vlmexport.exporter.attention import onnx_rotary
+
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(UsageError, match="--opset 18"):
+        onnx_rotary(q, q, torch.randn(1, 3, 4), torch.randn(1, 3, 4))  # partial rotary: 4 of 8 dims
 
 
 def _decoder_graphs(bundle: Path) -> list[str]:
