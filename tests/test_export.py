@@ -336,11 +336,60 @@ def _decoder_graphs(bundle: Path) -> list[str]:
 def test_linear_weights_are_exported_as_the_parameters_themselves(export_tiny) -> None:
     # Stored transposed before tracing, a Linear's MatMul reads `<module>.weight` ([in, out])
     # instead of a constant-folded transposed copy (`onnx::MatMul_*`).
+    # Projections of one activation are one MatMul over their weights side by side (fuse.py).
     graph = _graph(export_tiny("compact"), "decoder/model.onnx").graph
     inits = {i.name: tuple(i.dims) for i in graph.initializer}
     assert inits["lm.model.layers.0.mlp.down_proj.weight"] == (96, 48)
-    assert inits["lm.model.layers.0.mlp.up_proj.weight"] == (48, 96)
+    assert inits["lm.model.layers.0.mlp.gate_proj+up_proj.weight"] == (48, 2 * 96)
+    assert inits["lm.model.layers.0.self_attn.q_proj+k_proj+v_proj.weight"] == (48, 48 + 24 + 24)  # 2 of 4 heads for k, v
     assert not [name for name in inits if name.startswith("onnx::MatMul")]
+
+
+def test_fused_projection_weights_are_the_checkpoints_side_by_side(export_tiny, make_checkpoint) -> None:
+    graph = _graph(export_tiny("compact"), "decoder/model.onnx").graph
+    fused = numpy_helper.to_array(next(i for i in graph.initializer if i.name == "lm.model.layers.1.self_attn.q_proj+k_proj+v_proj.weight"))
+    from vlmexport.checkpoint.merge import merged_model
+
+    lm = merged_model(load_checkpoint(make_checkpoint("llama-siglip_vision_model-linear", text="llama")).model).causal_lm
+    attention = lm.model.layers[1].self_attn
+    expected = np.concatenate([m.weight.detach().numpy().T for m in (attention.q_proj, attention.k_proj, attention.v_proj)], axis=1)
+    np.testing.assert_allclose(fused, expected, atol=1e-6)
+    layers = read_manifest(export_tiny("compact")).model["num_layers"]
+    ops = [n.op_type for n in graph.node]
+    assert (ops.count("MatMul"), ops.count("Split")) == (4 * layers + 1, 2 * layers)  # qkv, o, gate+up, down; head
+
+
+def test_fusion_leaves_alone_what_it_cannot_fuse_and_keeps_the_outputs() -> None:
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    from vlmexport.exporter.fuse import fuse_parallel_matmuls
+
+    rng = np.random.default_rng(0)
+    weights = {name: torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for name, shape in
+               {"a.q.w": (4, 3), "a.k.w": (4, 5), "a.v.w": (4, 2), "shared.w": (4, 4), "b.w": (6, 3)}.items()}  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["x", "a.q.w"], ["q"], name="/a/q/MatMul"),
+        helper.make_node("MatMul", ["x", "a.k.w"], ["k"], name="/a/k/MatMul"),
+        helper.make_node("MatMul", ["x", "shared.w"], ["s"], name="/s/MatMul"),  # its weight has another reader
+        helper.make_node("Add", ["shared.w", "shared.w"], ["s2"]),
+        helper.make_node("MatMul", ["x", "a.v.w"], ["v"], name="/a/v/MatMul"),
+        helper.make_node("MatMul", ["y", "b.w"], ["b"], name="/b/MatMul"),  # alone on its activation
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]), helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])]
+    inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(w.shape)) for name, w in weights.items()]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("q", "k", "s", "s2", "v", "b")]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs), opset_imports=[helper.make_opsetid("", 18)])
+    feeds = {"x": rng.standard_normal((2, 4)).astype(np.float32), "y": rng.standard_normal((2, 6)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {**feeds, **{n: w.numpy() for n, w in weights.items()}})
+
+    assert fuse_parallel_matmuls(model.graph, weights) == 1
+    assert sorted(weights) == ["a.q+k+v.w", "b.w", "shared.w"]
+    assert [n.name for n in model.graph.node if n.op_type == "MatMul"] == ["/a/q+k+v/MatMul", "/s/MatMul", "/b/MatMul"]
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {**feeds, **{n: w.numpy() for n, w in weights.items()}})
+    for expected, got in zip(before, after):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("limit", [None, 1000])

@@ -195,7 +195,7 @@ def test_excluded_nodes_stay_float32_and_an_excluded_head_keeps_one_float_table(
     assert main(["quantize", "--onnx-dir", str(onnx_dir), *args]) == 0
     graph = onnx.load(str(onnx_dir / f"decoder/model_{mode}.onnx")).graph
     matmuls = {n.name for n in graph.node if n.op_type == "MatMul"}
-    assert "/lm_head/MatMul" in matmuls and {"/model/layers.0/mlp/up_proj/MatMul", "/model/layers.0/mlp/down_proj/MatMul"} <= matmuls
+    assert "/lm_head/MatMul" in matmuls and {"/model/layers.0/mlp/gate_proj+up_proj/MatMul", "/model/layers.0/mlp/down_proj/MatMul"} <= matmuls
     # The head kept fp32 keeps its table fp32 for the Gather too, still stored once.
     table = next(numpy_helper.to_array(i) for i in onnx.load(str(onnx_dir / "decoder/model.onnx")).graph.initializer if i.name.startswith("lm.model.embed"))
     copies = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and list(i.dims) in ([64, 64],) and

@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vlmexport.errors import BundleError
 from vlmexport.exporter.attention import PENDING_DOMAIN
+from vlmexport.exporter.fuse import fuse_parallel_matmuls
 from vlmexport.exporter.simplify import fold_shape_arithmetic
 
 TWO_GB = 2**31
@@ -120,12 +121,14 @@ def write_graph(
     shapes: dict[str, tuple[int, ...]],
 ) -> dict[str, list[dict[str, Any]]]:
     """Write a traced graph with its parameters as initializers: static axes pinned to integers,
-    shape arithmetic folded, the tied head's Transpose marked as reading a shared table
+    shape arithmetic folded, MatMuls that read one activation fused (fuse.py), the tied head's Transpose marked as reading a shared table
     (`*_from_shared`, what quantize looks for), the weights streamed from the tensors; external
     data only over 2 GB. Returns the graph's signature (reading it back would load the weights)."""
     graph = model.graph
     pin_static_axes(model, dynamic_axes, shapes)
     fold_shape_arithmetic(model)  # while the weights are still declared inputs, with their shapes
+    weights = dict(weights)
+    fuse_parallel_matmuls(graph, weights)
     inputs = [value for value in graph.input if value.name not in weights]
     del graph.input[:]
     graph.input.extend(inputs)
