@@ -94,3 +94,29 @@ def test_bench_without_a_checkpoint_exits_2(export_tiny, capsys) -> None:
 def test_memory_bandwidth_is_a_plausible_rate() -> None:
     rate = memory_bandwidth(threads=2, nbytes=32 << 20, repeats=2)
     assert 1e8 < rate < 1e13  # bytes per second: between a slow disk and far beyond any DRAM
+
+
+def test_decode_floor_times_the_steps_own_weight_matmuls_and_attention(export_tiny, tmp_path) -> None:
+    # bench/decode_floor.py: the evidence behind "the runtime, not the graph, sets the int8 floor".
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    from vlmexport.quantize.quantize import quantize_bundle
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from decode_floor import measure_floor, weight_matmuls
+
+    bundle = tmp_path / "onnx"
+    shutil.copytree(export_tiny("compact"), bundle)
+    quantize_bundle(bundle, "int8", verify=False)
+    decoder = onnx.load(str(bundle / "decoder/model_int8.onnx"))
+    alone = weight_matmuls(decoder)
+    count = [n.op_type for n in decoder.graph.node].count("MatMulInteger")
+    assert count > 0 and [n.op_type for n in alone.graph.node].count("MatMulInteger") == count
+    floor = measure_floor(bundle, "int8", threads=1, past=20, runs=20)
+    assert set(floor.medians_ms) == {"step", "matmuls", "attention", "matmuls + attention"}
+    assert all(ms > 0 for ms in floor.medians_ms.values())
+    assert floor.bound_ms == pytest.approx(floor.weight_mb / floor.bandwidth_gbs)
