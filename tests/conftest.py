@@ -71,18 +71,8 @@ VISION: dict[str, dict[str, Any]] = {
 }
 SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1, "vocab_size": VOCAB, "tie_word_embeddings": True}
 TEXT: dict[str, dict[str, Any]] = {
-    # SmolLM-like: grouped KV heads (4 query heads share 2 KV heads), tied head.
-    "llama": {
-        "model_type": "llama",
-        "hidden_size": 48,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 128,
-        **SPECIAL,
-    },
-    # The other rotary decoders: same shapes; Qwen2 adds q/k/v biases.
+    # SmolLM-like: grouped KV heads (4 query heads share 2 KV heads), tied head; the other
+    # rotary decoders with the same shapes (Qwen2 adds q/k/v biases).
     **{
         kind: {
             "model_type": kind,
@@ -94,7 +84,7 @@ TEXT: dict[str, dict[str, Any]] = {
             "max_position_embeddings": 128,
             **SPECIAL,
         }
-        for kind in ("mistral", "qwen2")
+        for kind in ("llama", "mistral", "qwen2")
     },
     "gpt2": {"model_type": "gpt2", "n_embd": 48, "n_layer": 2, "n_head": 4, "n_positions": 128, **SPECIAL},
     "opt": {
