@@ -153,8 +153,8 @@ def _export_graphs(
     for index, (name, module) in enumerate(modules.items()):
         step(f"exporting {name}")
         args = inputs.pop(name)
-        # The graphs attend without copying the KV cache; the smoke parity compares them
-        # with the model's own eager attention.
+        # The graphs attend with ONNX Attention nodes (opset 23) or without copying the KV
+        # cache (18-22); the smoke parity compares them with the model's own eager attention.
         with export_attention(owners[name], fused=opset >= FUSED_OPSET), torch.no_grad():
             graph, weights = trace_graph(module, args, opset)
             results = module(*args)

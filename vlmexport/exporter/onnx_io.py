@@ -121,9 +121,10 @@ def write_graph(
     shapes: dict[str, tuple[int, ...]],
 ) -> dict[str, list[dict[str, Any]]]:
     """Write a traced graph with its parameters as initializers: static axes pinned to integers,
-    shape arithmetic folded, MatMuls that read one activation fused (fuse.py), the tied head's Transpose marked as reading a shared table
-    (`*_from_shared`, what quantize looks for), the weights streamed from the tensors; external
-    data only over 2 GB. Returns the graph's signature (reading it back would load the weights)."""
+    shape arithmetic folded, MatMuls that read one activation fused (fuse.py), the tied head's
+    Transpose marked as reading a shared table (`*_from_shared`, what quantize looks for), the
+    weights streamed from the tensors; external data only over 2 GB. Returns the graph's
+    signature (reading it back would load the weights)."""
     graph = model.graph
     pin_static_axes(model, dynamic_axes, shapes)
     fold_shape_arithmetic(model)  # while the weights are still declared inputs, with their shapes
