@@ -45,18 +45,18 @@ def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
     inits = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
 
-    def constant(name: str) -> np.ndarray:
+    def constant(name: str) -> np.ndarray | None:
+        """A stored tensor, or the tied head's Transpose of one; None for an activation."""
         if name in inits:
             return numpy_helper.to_array(inits[name])
-        node = producers[name]  # the tied head reads a Transpose of the stored table
-        assert node.op_type == "Transpose", node.op_type
-        return constant(node.input[0]).T
+        node = producers.get(name)
+        source = constant(node.input[0]) if node is not None and node.op_type == "Transpose" else None
+        return None if source is None else source.T
 
     nodes, initializers, outputs, widths = [], [], [], set()
     for index, node in enumerate(n for n in graph.node if n.op_type in ("MatMulInteger", "MatMul")):
-        try:
-            weight = constant(node.input[1])
-        except (KeyError, AssertionError):
+        weight = constant(node.input[1])
+        if weight is None:
             continue  # an activation × activation product (decomposed attention)
         width = weight.shape[0]
         widths.add(width)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.llama.modeling_llama import rotate_half  # the same function in Mistral and Qwen2
 
 from vlmexport.errors import UsageError
 
@@ -102,7 +103,7 @@ class _AttentionOp(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g: Any, query: Any, key: Any, value: Any, mask: Any, scaling: float) -> Any:
-        inputs = (query, key, value) if mask is None or _is_none(mask) else (query, key, value, mask)
+        inputs = (query, key, value) if _is_none(mask) else (query, key, value, mask)
         output = g.op(f"{PENDING_DOMAIN}::Attention", *inputs, scale_f=scaling)
         output.setType(query.type())
         return output
@@ -116,8 +117,7 @@ class _RotaryOp(torch.autograd.Function):
     def forward(ctx: object, x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor) -> torch.Tensor:
         cos = torch.cat([cos_half, cos_half], dim=-1).unsqueeze(1)  # what transformers' rotary module makes
         sin = torch.cat([sin_half, sin_half], dim=-1).unsqueeze(1)
-        first, second = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-second, first], dim=-1) * sin
+        return x * cos + rotate_half(x) * sin
 
     @staticmethod
     def symbolic(g: Any, x: Any, cos_half: Any, sin_half: Any) -> Any:
@@ -171,8 +171,9 @@ def has_grouped_kv(config: PretrainedConfig) -> bool:
 @contextmanager
 def export_attention(lm: nn.Module, fused: bool = False) -> Iterator[None]:
     """Within the block, `lm` attends with `grouped_attention` when it has grouped KV heads
-    (other decoders keep their eager attention); with `fused` (opset 23), every decoder attends
-    with one `Attention` node per layer and rotary decoders rotate with `RotaryEmbedding`.
+    (other decoders keep their eager attention); with `fused` (opset 23), every model with a
+    transformers config (decoders and vision encoders) attends with one `Attention` node per
+    layer, and rotary decoders rotate with `RotaryEmbedding`.
     The previous implementation is restored after."""
     config = lm.config if isinstance(lm, PreTrainedModel) else None
     name = None if config is None else ONNX_NAME if fused else NAME if has_grouped_kv(config) else None
