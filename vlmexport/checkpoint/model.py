@@ -98,8 +98,11 @@ def build_language_model(config: VLMConfig, with_lora: bool) -> nn.Module:
     """The decoder from `text_config`, wrapped with LoRA when the checkpoint has adapters."""
     text_config = build_text_config(config)
     lm = AutoModelForCausalLM.from_config(text_config, attn_implementation=ATTN_IMPLEMENTATION)
-    if not with_lora:
-        return lm
+    return with_adapters(lm, config) if with_lora else lm
+
+
+def with_adapters(lm: PreTrainedModel, config: VLMConfig) -> nn.Module:
+    """`lm` wrapped in PEFT LoRA adapters as the config describes (B starts at zero, as PEFT does)."""
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,

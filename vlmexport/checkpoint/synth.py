@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +12,21 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from vlmexport.checkpoint.config import MODEL_TYPE, VLMConfig, parse_config
-from vlmexport.checkpoint.model import PrefixConditioningVLM, build_model
+from vlmexport.checkpoint.model import (
+    ATTN_IMPLEMENTATION,
+    PrefixConditioningVLM,
+    Projection,
+    build_model,
+    build_vision_encoder,
+    with_adapters,
+)
+from vlmexport.checkpoint.pretrained import check_text_config, load_gguf_decoder, pretrained_source
 from vlmexport.checkpoint.preprocess import derive_preprocessor
 from vlmexport.checkpoint.save import save_checkpoint
 from vlmexport.checkpoint.tokenizer import word_tokenizer
 from vlmexport.errors import UsageError
-from vlmexport.fsutil import atomic_output_dir
+from vlmexport.fsutil import atomic_output_dir, check_output_dir
+from vlmexport.samples import sample_images
 from vlmexport.resources import configs_dir
 
 PRESET_DIR = configs_dir() / "presets"
@@ -33,8 +43,8 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """The preset as a distilvit config.json dict.
+def preset_table(name: str) -> dict[str, Any]:
+    """The preset file as it is written.
 
     Raises:
         UsageError: unknown preset name.
@@ -42,7 +52,16 @@ def load_preset(name: str) -> dict[str, Any]:
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
         raise UsageError(f"unknown preset {name!r}", f"choose one of: {', '.join(preset_names())}")
-    data = tomllib.loads(path.read_text())
+    return tomllib.loads(path.read_text())
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The preset as a distilvit config.json dict.
+
+    Raises:
+        UsageError: unknown preset name.
+    """
+    data = preset_table(name)
     lora = data.get("lora", {})
     return {
         "model_type": MODEL_TYPE,
@@ -76,19 +95,65 @@ def random_model(config: VLMConfig, seed: int = 0) -> PrefixConditioningVLM:
     return model
 
 
+def pretrained_model(config: VLMConfig, table: dict[str, Any], seed: int = 0) -> tuple[PrefixConditioningVLM, Any]:
+    """(model, tokenizer): the preset's pretrained decoder (see checkpoint.pretrained) under a
+    random vision tower, a projection scaled to the decoder's embeddings, and non-zero LoRA.
+
+    Raises:
+        UsageError: the optional packages are missing, or the file has another shape.
+    """
+    source = pretrained_source(table["pretrained"])
+    lm, tokenizer = load_gguf_decoder(source)
+    check_text_config(lm, {k: v for k, v in config.text_config.items() if k != "model_type"}, source)
+    lm.config._attn_implementation = ATTN_IMPLEMENTATION
+    torch.manual_seed(seed)
+    vision = build_vision_encoder(config)
+    projection = Projection(vision.config.hidden_size, int(lm.config.hidden_size), config.projection_type, config.mlp_hidden_dim)
+    text_config = {**lm.config.to_dict(), "model_type": config.text_type}
+    text_config.pop("quantization_config", None)
+    config = dataclasses.replace(config, text_config=text_config, raw={**config.raw, "text_config": text_config})
+    model = PrefixConditioningVLM(config, vision, projection, with_adapters(lm, config)).eval()
+    _scale_projection(model)
+    randomise_lora(model, torch.Generator().manual_seed(seed), float(table.get("lora", {}).get("b_std", 0.02)))
+    return model, tokenizer
+
+
+@torch.no_grad()
+def _scale_projection(model: PrefixConditioningVLM) -> None:
+    """Scale the projection so its outputs, on the sample images, have the RMS of the decoder's
+    token embeddings: a prefix far off that scale would put the decoder where no text ever took it."""
+    preprocessor = derive_preprocessor(model.config.vision_config)
+    pixels = torch.as_tensor(preprocessor(sample_images(2, preprocessor.height)))
+    prefix = model.prefix_embeddings(pixels)
+    target = model.causal_lm.get_input_embeddings().weight.pow(2).mean().sqrt()
+    for module in model.projection.modules():
+        if isinstance(module, torch.nn.Linear):
+            factor = target / prefix.pow(2).mean().sqrt()
+            module.weight.mul_(factor)
+            module.bias.mul_(factor)
+            break  # the first linear layer scales the whole (linear) projection
+
+
 def synth_checkpoint(preset: str, output_dir: Path, seed: int = 0, force: bool = False, legacy_keys: bool = True) -> SynthResult:
-    """Write a random-weight checkpoint with real (non-zero) LoRA adapters.
+    """Write a checkpoint with real (non-zero) LoRA adapters: random weights, or the preset's
+    pretrained decoder when it names one (`[pretrained]`, see checkpoint.pretrained).
 
     `legacy_keys` writes transformers-4.x names (as real distilvit checkpoints have them).
 
     Raises:
-        UsageError: unknown preset or occupied output folder.
+        UsageError: unknown preset, occupied output folder, or a pretrained preset whose
+            optional packages are missing.
     """
+    table = preset_table(preset)
     config = parse_config(load_preset(preset))
-    vocab = int(config.text_config["vocab_size"])
-    with atomic_output_dir(output_dir, force) as tmp:
+    check_output_dir(output_dir, force)
+    if "pretrained" in table:
+        model, tokenizer = pretrained_model(config, table, seed)
+        config = model.config
+    else:
         model = random_model(config, seed)
-        tokenizer = word_tokenizer([], vocab_size=vocab)
+        tokenizer = word_tokenizer([], vocab_size=int(config.text_config["vocab_size"]))
+    with atomic_output_dir(output_dir, force) as tmp:
         save_checkpoint(model, config, tokenizer, derive_preprocessor(config.vision_config), tmp, legacy_keys)
         parameters = sum(p.numel() for p in model.parameters())
         size = sum(f.stat().st_size for f in tmp.iterdir())
