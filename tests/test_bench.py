@@ -114,8 +114,8 @@ def test_decode_floor_times_the_steps_own_weight_matmuls_and_attention(export_ti
     quantize_bundle(bundle, "int8", verify=False)
     decoder = onnx.load(str(bundle / "decoder/model_int8.onnx"))
     alone = weight_matmuls(decoder)
-    count = [n.op_type for n in decoder.graph.node].count("MatMulInteger")
-    assert count > 0 and [n.op_type for n in alone.graph.node].count("MatMulInteger") == count
+    count = [n.op_type for n in decoder.graph.node].count("MatMulNBits")
+    assert count > 0 and [n.op_type for n in alone.graph.node].count("MatMulNBits") == count
     floor = measure_floor(bundle, "int8", threads=1, past=20, runs=20)
     assert set(floor.medians_ms) == {"step", "matmuls", "attention", "matmuls + attention"}
     assert all(ms > 0 for ms in floor.medians_ms.values())

@@ -83,6 +83,7 @@ def scale_one_weight(bundle_dir: Path, relative: str, factor: float = 1.01) -> s
     matrices = sorted((i for i in model.graph.initializer if len(i.dims) == 2), key=lambda i: (int(np.prod(i.dims)), i.name))
     weight = matrices[len(matrices) // 2]
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(factor), weight.name))
+    (bundle_dir / relative).unlink()  # a new file: the bundle may share (hard-link) it with another
     onnx.save(model, str(bundle_dir / relative))
     rehash(bundle_dir, relative)
     return weight.name
@@ -93,7 +94,7 @@ def scale_one_weight(bundle_dir: Path, relative: str, factor: float = 1.01) -> s
 def test_check_passes_a_sound_bundle_at_batch_1_and_3_and_records_the_verdict(bundle, tmp_path: Path, capsys, layout: str, text: str) -> None:
     ckpt, bundle_dir = bundle(layout, text)
     code, report, _ = run_check(tmp_path, capsys, bundle_dir, "--model-dir", str(ckpt))
-    assert code == 0 and report["passed"] and report["schema_version"] == 1
+    assert code == 0 and report["passed"] and report["schema_version"] == 2
     components = {m["component"] for m in report["measurements"]}
     steps = {c for c in components if " step " in c}
     assert {"vision_encoder", "projection", "end_to_end", "merge (pytorch)"} <= components and len(steps) >= 3
@@ -210,7 +211,7 @@ def test_without_a_checkpoint_a_variant_is_checked_against_the_bundles_fp32(bund
     report = check_bundle(bundle_dir, None, variant="int8", profile=profile_named("fp32"))
     assert report.passed and report.reference == "onnx fp32" and report.variant == "int8"
     # Identical graphs: only batch size changes the arithmetic (the reference runs all four images at once).
-    assert max(m.value for m in report.measurements if m.metric == "max_abs") < 1e-5
+    assert max(m.value for m in report.measurements if m.metric == "rel_max") < 1e-5
     assert read_manifest(bundle_dir).checks["int8"]["passed"] is True
     scale_one_weight(bundle_dir, "projection_int8.onnx")
     failed = check_bundle(bundle_dir, None, variant="int8", profile=profile_named("fp32"))
@@ -281,14 +282,49 @@ def test_first_difference_names_the_first_differing_token_or_the_shorter_length(
 def test_report_json_is_strict_and_the_table_shows_the_worst_per_output() -> None:
     profile = profile_named("fp32")
     measurements = [
-        Measurement("language_model step 1", "logits", "max_abs", 2e-4, 1e-3, batch=1),
-        Measurement("language_model step 2", "logits", "max_abs", 5e-3, 1e-3, batch=3),
-        Measurement("projection", "projected_prefix", "max_abs", math.inf, 1e-4, batch=1),
+        Measurement("language_model step 1", "logits", "rel_max", 2e-4, 1e-3, batch=1),
+        Measurement("language_model step 2", "logits", "rel_max", 5e-3, 1e-3, batch=3),
+        Measurement("projection", "projected_prefix", "rel_max", math.inf, 1e-4, batch=1),
+        Measurement("end_to_end", "teacher-forced", "top1", 1.0, 1.0, True, None, counted=0, positions=7, swing=0.5),
     ]
     report = CheckReport(Path("b"), "distilvit", "fp32", profile, "pytorch", ["a"], measurements, [])
     text = json.dumps(report.to_json(), allow_nan=False)  # non-finite values become null
-    assert json.loads(text)["measurements"][2]["value"] is None and not report.passed
+    rows_json = json.loads(text)["measurements"]
+    assert rows_json[2]["value"] is None and not report.passed
+    assert "counted" not in rows_json[0]
+    # Clear-margin top-1 says how many positions counted, also (especially) when none did.
+    assert (rows_json[3]["counted"], rows_json[3]["positions"], rows_json[3]["swing"]) == (0, 7, 0.5)
     rows = table_rows(report)
-    assert [(r.component, r.passed) for r in rows] == [("language_model steps", False), ("projection", False)]
+    assert [(r.component, r.passed) for r in rows] == [("language_model steps", False), ("projection", False), ("end_to_end", True)]
     assert rows[0].value == 5e-3 and rows[0].where == "batch 3, step 2"
+    assert rows[2].shown_value == "1 (0/7 counted)"
     assert report.parity_error().output.startswith("projection")  # an infinite error is the worst
+
+
+def test_check_refuses_a_full_range_int8_graph_naming_the_node(bundle, monkeypatch, tmp_path: Path, capsys) -> None:
+    """A variant that computes correctly on this machine but saturates on x86 without VNNI fails
+    the check (exit 1) whichever machine runs it: the proof reads the stored weights."""
+    from vlmexport.quantize import integer
+    from vlmexport.quantize import quantize as stage
+    from vlmexport.quantize.quantize import quantize_bundle
+
+    _, bundle_dir = bundle("compact", "llama")
+
+    def full_range(model, mode, component, per_channel, exclude, ranges, recipe):
+        return integer.quantize_integer(model, mode, component, per_channel, exclude, reduce_range=False)
+
+    monkeypatch.setattr(stage, "_quantize", full_range)
+    quantize_bundle(bundle_dir, "int8", verify=False, recipe="dynamic")
+    code, report, err = run_check(tmp_path, capsys, bundle_dir, "--variant", "int8")
+    assert code == 1
+    proofs = {p["file"]: p for p in report["portability"]}
+    assert not proofs["decoder/model_int8.onnx"]["passed"] and proofs["decoder/model_int8.onnx"]["worst_int16_pair"] > 32767
+    failing = [m for m in report["measurements"] if m["component"] == "portability" and not m["passed"]]
+    assert failing and "MatMul" in failing[0]["output"]
+    assert report["host"]["onnxruntime"] and "isa" in report["host"]
+    assert read_manifest(bundle_dir).checks["int8"]["portable"] is False
+    # The portable dynamic recipe (7-bit int8 weights) passes the same proof.
+    monkeypatch.undo()
+    quantize_bundle(bundle_dir, "int8", verify=False, recipe="dynamic", force=True)
+    _, report, _ = run_check(tmp_path, capsys, bundle_dir, "--variant", "int8")
+    assert report["portability"] and all(p["passed"] for p in report["portability"]), report["portability"]

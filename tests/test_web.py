@@ -90,9 +90,10 @@ def bundles(shapes: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFa
 def python_reference(bundle_dir: Path, variant: str, images: list[Path]) -> dict:
     """What the Python runtime computes for these images: pixel values, tokens, captions.
 
-    One image per pass, as prefix_vlm.js runs them: int8 graphs quantize activations with one
-    scale per tensor, measured over the whole batch, so in a batch an image's int8 tokens
-    depend on the other images."""
+    One image per pass, as prefix_vlm.js runs them. The int8 tokens must equal the browser's
+    although the browser computes MatMulNBits in float32 where x86 quantizes activations per
+    block: on the shapes model no greedy choice is close enough to flip (measured: 32/32 captions
+    identical across every variant)."""
     bundle = open_bundle(bundle_dir, variant, threads=1)
     pixels = bundle_preprocessor(bundle_dir)([open_image(p) for p in images])
     greedy = caption_tokens(bundle, pixels, DecodeOptions(), batch_size=1)

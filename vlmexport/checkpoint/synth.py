@@ -20,14 +20,14 @@ from vlmexport.checkpoint.model import (
     build_vision_encoder,
     with_adapters,
 )
-from vlmexport.checkpoint.pretrained import check_text_config, load_gguf_decoder, pretrained_source
 from vlmexport.checkpoint.preprocess import derive_preprocessor
+from vlmexport.checkpoint.pretrained import check_text_config, load_gguf_decoder, pretrained_source
 from vlmexport.checkpoint.save import save_checkpoint
 from vlmexport.checkpoint.tokenizer import word_tokenizer
 from vlmexport.errors import UsageError
 from vlmexport.fsutil import atomic_output_dir, check_output_dir
-from vlmexport.samples import sample_images
 from vlmexport.resources import configs_dir
+from vlmexport.samples import sample_images
 
 PRESET_DIR = configs_dir() / "presets"
 

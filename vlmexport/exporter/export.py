@@ -13,7 +13,7 @@ import onnx
 import torch
 
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
-from vlmexport.checkpoint.merge import verified_merge
+from vlmexport.checkpoint.merge import MergeReport, verified_merge
 from vlmexport.checkpoint.model import PrefixConditioningVLM
 from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME
 from vlmexport.errors import BundleError, ParityError, UsageError
@@ -26,6 +26,7 @@ from vlmexport.fsutil import atomic_output_dir, check_output_dir
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.samples import sample_images
 from vlmexport.validate.metrics import Measurement
+from vlmexport.validate.profiles import merge_bounds, profile_named
 from vlmexport.validate.reference import TorchRunner
 from vlmexport.validate.smoke import decoder_parity, prefix_parity, record_reference
 
@@ -49,6 +50,7 @@ class ExportResult:
     bundle_bytes: int
     seconds: float
     smoke: list[Measurement] = field(default_factory=list)
+    merge: MergeReport | None = None  # the verified merge (None: the checkpoint had no adapters)
 
 
 def _component_graphs(model: PrefixConditioningVLM, layout: str, shape: graphs.DecoderShape) -> dict[str, torch.nn.Module]:
@@ -206,8 +208,9 @@ def export_bundle(
     started = time.perf_counter()
     step("loading checkpoint")
     checkpoint = load_checkpoint(model_dir, allow_pickle)
+    fp32 = profile_named("fp32")  # the merge's and the smoke parity's bounds (read first: a broken file fails fast)
     step("merging LoRA")
-    verified_merge(checkpoint)  # in place: no second copy of the model
+    merge = verified_merge(checkpoint, merge_bounds(fp32))  # in place: no second copy of the model
     model = checkpoint.model
     shape = graphs.decoder_shape(model.causal_lm)
     files = LAYOUTS[layout]
@@ -237,7 +240,7 @@ def export_bundle(
             release_freed_memory()  # the checker's copies of the graphs
             # One graph's sessions at a time (vision and projection together): every graph of
             # the distilvit layout open at once was the export's peak (1.8 GB of sessions).
-            smoke = prefix_parity(recorded, open_bundle(tmp, components=("vision_encoder", "projection")))
+            smoke = prefix_parity(recorded, open_bundle(tmp, components=("vision_encoder", "projection")), fp32)
             first_graph, step_graph = decoder_graphs(layout)
             decoder = open_bundle(tmp, components=(first_graph,))
             first = decoder.first_pass(recorded.prefix)
@@ -245,7 +248,7 @@ def export_bundle(
                 del decoder
                 release_freed_memory()
                 decoder = open_bundle(tmp, components=(step_graph,))
-            smoke += decoder_parity(recorded, layout, first, decoder)
+            smoke += decoder_parity(recorded, layout, first, decoder, fp32)
             failed = [m for m in smoke if not m.passed]
             if failed:
                 worst = failed[0]
@@ -261,4 +264,5 @@ def export_bundle(
         bundle_bytes=bundle_bytes,
         seconds=time.perf_counter() - started,
         smoke=smoke,
+        merge=merge,
     )

@@ -1,39 +1,43 @@
 """Quantized variants of a bundle, beside its fp32 graphs: `quantize.quantize_bundle`.
 
-| mode  | how (onnxruntime's own tools)                                   | files                  |
-|-------|-----------------------------------------------------------------|------------------------|
-| int8  | quantize_dynamic: int8 symmetric per-channel weights, uint8 dynamic activations (integer.py) | `*_int8.onnx`  |
-| uint8 | the same with uint8 asymmetric weights — transformers.js' `model_quantized.onnx` form | `*_uint8.onnx` |
-| fp16  | transformers' convert_float_to_float16, graph I/O fp32, measured-hot nodes fp32 (fp16.py) | `*_fp16.onnx`  |
-| q4    | MatMulNBitsQuantizer: 4-bit, blocks of 32, symmetric, accuracy level 4 (q4.py) | `*_q4.onnx`    |
+| mode  | what it is inside (recorded per file in the manifest)                                   | files          |
+|-------|-----------------------------------------------------------------------------------------|----------------|
+| int8  | MatMulNBits 8-bit symmetric blocks of 32, accuracy level 4, decoder outliers migrated (blockwise.py, smooth.py) | `*_int8.onnx`  |
+| uint8 | the same with uint8 codes and a zero point per block                                    | `*_uint8.onnx` |
+| fp16  | convert_float_to_float16, graph I/O fp32, measured-hot nodes in real float32 islands (fp16.py) | `*_fp16.onnx`  |
+| q4    | MatMulNBits 4-bit symmetric blocks of 32; down_proj and the tied head at 8 bits          | `*_q4.onnx`    |
 
-Choices made by measurement (bench/quantize_bench.py and the scripts' numbers in the lead's
-issue note; full-size synthetic = SigLIP-base + SmolLM-135M shapes, random weights):
+`--recipe dynamic` keeps onnxruntime's quantize_dynamic (MatMulInteger; int8 with 7-bit weights,
+uint8 U8U8) for runtimes without MatMulNBits (integer.py). `--keep-fp32 auto` ranks every decoder
+node by the KL its quantization costs alone and keeps the fewest fp32 that meet the profile
+(sensitivity.py). Every recipe's choice was measured on the real-weights model
+(`vlmexport synth --preset smollm2-135m-real`: pretrained SmolLM2-135M-Instruct decoder), mean
+KL(fp32 ‖ variant) teacher-forced on 8 image prefixes + real English text (fidelity.py), decoder
+only, x86 AVX512-VNNI:
 
-- Per-channel int8 weights everywhere: on the full-size decoder the first-pass logits' mean
-  error is 0.0099 per-channel vs 0.0121 per-tensor (cosine 0.99967 vs 0.99950), at no measured
-  speed cost (decode step 117 vs 172 ms median, noisy shared machine).
-- Patch-embedding Conv stays fp32: onnxruntime-web 1.30 does run ConvInteger (proved under
-  Node, signed and unsigned weights), but quantizing it nearly doubles the vision encoder's
-  error (mean 0.0140 → 0.0248) to save 1.7 MB of 88 MB, with no measured speed-up.
-- The tied embedding / LM head table (49152 × 576 for SmolLM) is quantized and stored once:
-  int8/uint8 per tensor for both its Gather and its MatMul (shared.py), q4 as one 4-bit copy
-  read by MatMulNBits and GatherBlockQuantized (q4.py), fp16 by conversion of the one table.
-- Signed int8 weights, reduce_range off; uint8 for machines without VNNI (see integer.py).
-- `--optimize`: no onnxruntime.transformers fusion was measured faster, so none is applied
-  (optimize.py has the numbers and the BiasGelu trap).
+| decoder recipe                                                  | mean KL | bytes   |
+|-----------------------------------------------------------------|---------|---------|
+| quantize_dynamic int8 (the old int8: per-tensor activations)    | 0.88    | 136 MB  |
+| MatMulNBits 8-bit, block 32, accuracy level 4                   | 0.0118  | 152 MB  |
+| … accuracy level 0 (float activations; 736 ms/step, unusable)   | 0.0040  | 152 MB  |
+| … block 16                                                      | 0.0126  | 169 MB  |
+| … block 128                                                     | 0.050   | 265 MB (head fp32) |
+| … with outlier migration α 0.3 / 0.4 / 0.5 / 0.7                | 0.0092 / **0.0056** / 0.0071 / 0.0131 | 152 MB |
+| … uint8 (zero points), α 0.4                                    | 0.0073  | 156 MB  |
+| MatMulNBits 4-bit, block 32 (symmetric; asymmetric 0.42)        | 0.43    | 85 MB   |
+| … block 16                                                      | 0.30    | 101 MB  |
+| … down_proj 8-bit / + head 8-bit, α 0.4                         | 0.32 / **0.21** | 98 / 112 MB |
+| fp16, converter alone (float32 "kept" nodes exchange float16)   | 6.5     |         |
+| fp16, measured-hot nodes in joined float32 islands              | 1.6e-5  |         |
 
-Measured (bench/quantize_bench.py, one run, shared 2-core machine; full = full-size synthetic
-compact bundle, 884 MB fp32; shapes = the trained shapes example, 32 held-out images):
+The tied embedding / LM head table is quantized and stored once: int8/uint8/q4 as one blockwise
+copy read by MatMulNBits and GatherBlockQuantized (blockwise.py), the dynamic recipe per tensor
+(shared.py), fp16 by conversion of the one table. The patch-embedding Conv stays fp32.
+`--optimize`: no onnxruntime.transformers fusion was measured faster (optimize.py).
 
-| mode  | full bytes vs fp32 | 30-token caption vs fp32 | shapes captions = fp32 | teacher-forced top-1 |
-|-------|-------------------|--------------------------|------------------------|----------------------|
-| int8  | 0.256 (226 MB)    | 2.03× faster             | 32/32                  | 1.000                |
-| uint8 | 0.256             | 1.56× faster             | 32/32                  | 1.000                |
-| fp16  | 0.501             | 1.43× (noisy; per-token decode is slower than fp32) | 32/32 | 1.000       |
-| q4    | 0.161 (142 MB)    | 2.78× faster             | 28/32                  | 0.984                |
-
-Every variant was run in onnxruntime-web 1.30 (WebAssembly, under Node): the ops each graph
-uses are recorded per file in the manifest (`files[path].ops`), and
-`webcheck.web_agreement` runs a bundle's variants there and compares with onnxruntime.
+Every variant runs in onnxruntime-web (WebAssembly, under Node): `webcheck.web_agreement` runs a
+bundle's variants there; the browser computes MatMulNBits in float32 (it ignores accuracy level
+4), so its outputs are held to the variant's profile against fp32, not to native bit-equality.
+`check` proves from the stored weights that no integer kernel can saturate on x86 without VNNI
+(validate/portable.py).
 """

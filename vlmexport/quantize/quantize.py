@@ -1,7 +1,7 @@
 """`quantize`: write an int8 / uint8 / fp16 / q4 variant of a bundle beside its fp32 graphs, then check it.
 
 Each component's fp32 graph is read (never written), quantized by onnxruntime's tools
-(integer.py, fp16.py, q4.py), staged in a hidden folder inside the bundle, and only then
+(blockwise.py, integer.py, fp16.py), staged in a hidden folder inside the bundle, and only then
 moved into place together with the updated manifest: a run that fails leaves the bundle as
 it was. A variant that is written but fails its parity check is kept, marked failed in the
 manifest (`checks[variant].passed = false`), so it can be inspected and re-checked — a
@@ -26,10 +26,27 @@ import onnx
 from vlmexport.errors import BundleError, UsageError
 from vlmexport.exporter.manifest import Manifest, read_manifest, variant_path, verify_files
 from vlmexport.exporter.onnx_io import TWO_GB, signature
-from vlmexport.quantize import fp16, integer, q4
+from vlmexport.quantize import fp16, integer, smooth
+from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise
 from vlmexport.quantize.optimize import optimize_graph
 
 MODES = ("int8", "uint8", "fp16", "q4")
+# What each mode is inside, chosen by measurement on the real-weights model (vlmexport.quantize's
+# module docstring has the numbers). `recipe="dynamic"` keeps onnxruntime's quantize_dynamic
+# (MatMulInteger) for int8/uint8, for runtimes without MatMulNBits.
+RECIPES: dict[str, BlockwiseRecipe] = {
+    "int8": BlockwiseRecipe(bits=8, symmetric=True),
+    "uint8": BlockwiseRecipe(bits=8, symmetric=False),
+    "q4": BlockwiseRecipe(bits=4, symmetric=True, high_bits=("*down_proj*", "*lm_head*")),
+}
+RECIPE_NAMES = ("blockwise", "dynamic")
+DECODERS = ("decoder", "prefix_init", "language_model")
+# SmoothQuant's α for the decoder graphs of blockwise recipes (smooth.py): on the real-weights
+# model, 8-bit mean KL 0.0118 unsmoothed, 0.0092 at α 0.3, 0.0056 at 0.4, 0.0071 at 0.5, 0.0131 at 0.7.
+SMOOTH_ALPHA = 0.4
+# `--keep-fp32 auto` aims the decoder at this share of the profile's KL bound: the rest is left
+# to the vision encoder's own quantization error, which the check adds on top.
+AUTO_KL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,7 @@ class QuantizeReport:
     check: Any = None  # vlmexport.validate.report.CheckReport, None with verify=False
     activation_ranges: list[fp16.ActivationRange] = field(default_factory=list)  # fp16 only
     notes: list[str] = field(default_factory=list)
+    keep_fp32: Any = None  # sensitivity.Choice with keep_fp32="auto"
 
     @property
     def fp32_bytes(self) -> int:
@@ -90,14 +108,19 @@ def quantize_bundle(
     verify: bool = True,
     optimize: bool = False,
     on_step: Callable[[str], None] | None = None,
+    recipe: str = "blockwise",
+    keep_fp32: str | None = None,
 ) -> QuantizeReport:
     """Write the `mode` variant of the bundle at `onnx_dir` and (unless `verify` is False) check it
     against the bundle's fp32 variant with the `mode` tolerance profile.
 
     `components` limits which graphs are quantized; the others are the variant's through their
-    fp32 files. `per_channel` overrides the measured per-component choice (int8/uint8 only).
-    `exclude_nodes` are fnmatch patterns of node names kept in float32. A failing check does
-    not raise: `report.passed` is False and the manifest says so.
+    fp32 files. `recipe` is "blockwise" (MatMulNBits, every mode but fp16) or "dynamic"
+    (onnxruntime's quantize_dynamic, int8/uint8); `per_channel` overrides the dynamic recipe's
+    per-component choice. `exclude_nodes` are fnmatch patterns of node names kept in float32;
+    `keep_fp32="auto"` adds the fewest decoder nodes whose float32 form meets the profile, by a
+    measured sensitivity ranking (sensitivity.py). A failing check does not raise:
+    `report.passed` is False and the manifest says so.
 
     Raises:
         UsageError: unknown mode or component, a flag that does not apply to the mode, a pattern
@@ -112,7 +135,7 @@ def quantize_bundle(
     step = on_step or (lambda message: None)
     onnx_dir = Path(onnx_dir)
     manifest = _fp32_manifest(onnx_dir)
-    selected = _check_arguments(manifest, mode, components, per_channel, force)
+    selected = _check_arguments(manifest, mode, components, per_channel, force, recipe, keep_fp32)
     fp32_files = manifest.variants["fp32"]
     step("verifying the fp32 files")
     verify_files(onnx_dir, manifest, only=list(fp32_files.values()))
@@ -121,6 +144,14 @@ def quantize_bundle(
     if mode == "fp16":
         step("measuring activation ranges (fp32)")
         report.activation_ranges = _ranges(onnx_dir, manifest, selected)
+    blockwise = mode in RECIPES and recipe == "blockwise"
+    smoothed = [name for name in selected if blockwise and name in DECODERS]
+    peaks = _peaks(onnx_dir, manifest, smoothed, step) if smoothed else {}
+    if keep_fp32 == "auto":
+        kept, choice = _auto_keep(onnx_dir, manifest, mode, recipe, selected, peaks, excluded, step)
+        excluded = {name: sorted(set(excluded[name]) | set(kept if name in DECODERS else [])) for name in excluded}
+        report.notes.append(_auto_note(choice))
+        report.keep_fp32 = choice
     unfused: list[str] = []
     with _staging(onnx_dir, mode) as stage:
         for name in selected:
@@ -129,7 +160,11 @@ def quantize_bundle(
             fp32_ops = _ops(model)
             model, fused = optimize_graph(model, name) if optimize else (model, False)
             ranges = [r for r in report.activation_ranges if r.component == name]
-            quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges)
+            if name in peaks:
+                count = smooth.smooth(model, peaks[name], SMOOTH_ALPHA)
+            quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe)
+            if name in peaks:
+                settings["smoothing"] = f"SmoothQuant-style outlier migration, alpha {SMOOTH_ALPHA}, {count} activations (smooth.py)"
             if fused:
                 settings["optimized"] = "onnxruntime.transformers fusions (see vlmexport.quantize.optimize)"
             elif optimize:
@@ -161,9 +196,25 @@ def _fp32_manifest(onnx_dir: Path) -> Manifest:
     return manifest
 
 
-def _check_arguments(manifest: Manifest, mode: str, components: list[str] | None, per_channel: bool | None, force: bool) -> list[str]:
+def _check_arguments(
+    manifest: Manifest, mode: str, components: list[str] | None, per_channel: bool | None, force: bool, recipe: str, keep_fp32: str | None
+) -> list[str]:
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", f"use one of: {', '.join(MODES)}")
+    if recipe not in RECIPE_NAMES:
+        raise UsageError(f"unknown recipe {recipe!r}", f"use one of: {', '.join(RECIPE_NAMES)}")
+    if recipe == "dynamic" and mode not in integer.WEIGHT_TYPES:
+        raise UsageError(f"--recipe dynamic applies to int8 and uint8, not {mode}", "drop the flag")
+    if per_channel is not None and recipe != "dynamic":
+        raise UsageError("--per-channel/--no-per-channel apply to --recipe dynamic", "add --recipe dynamic or drop the flag")
+    if keep_fp32 not in (None, "auto"):
+        raise UsageError(f"--keep-fp32 {keep_fp32!r} is not a choice", "pass --keep-fp32 auto, or name nodes with --exclude-nodes PATTERN")
+    if keep_fp32 == "auto" and mode == "fp16":
+        # The converter keeps every node's name and changes only types: no node has a second form to rank.
+        raise UsageError("--keep-fp32 auto ranks quantized nodes; fp16 keeps its measured-hot nodes float32 already", "drop --keep-fp32 for fp16")
+    first_pass = "decoder" if manifest.layout == "compact" else "prefix_init"
+    if keep_fp32 == "auto" and components is not None and first_pass not in components:
+        raise UsageError("--keep-fp32 auto ranks the decoder's nodes, which --components leaves out", f"include {first_pass} in --components")
     available = list(manifest.variants["fp32"])
     unknown = [c for c in components or [] if c not in available]
     if unknown:
@@ -200,13 +251,69 @@ def _match_patterns(nodes: dict[str, list[str]], patterns: list[str]) -> dict[st
 
 
 def _quantize(
-    model: onnx.ModelProto, mode: str, component: str, per_channel: bool | None, exclude: list[str], ranges: list[fp16.ActivationRange]
+    model: onnx.ModelProto, mode: str, component: str, per_channel: bool | None, exclude: list[str], ranges: list[fp16.ActivationRange], recipe: str
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    if mode in integer.WEIGHT_TYPES:
-        return integer.quantize_integer(model, mode, component, per_channel, exclude)
     if mode == "fp16":
         return fp16.convert_fp16(model, ranges, exclude)
-    return q4.quantize_q4(model, exclude)
+    if recipe == "dynamic":
+        return integer.quantize_integer(model, mode, component, per_channel, exclude)
+    return quantize_blockwise(model, RECIPES[mode], exclude)
+
+
+def _peaks(onnx_dir: Path, manifest: Manifest, components: list[str], step: Callable[[str], None]) -> dict[str, dict]:
+    """Per decoder graph, the per-channel peak of every activation smooth.py can migrate, measured
+    on what captioning the sample images feeds it (fp32)."""
+    from vlmexport.quantize.feeds import recorded_feeds
+
+    step("measuring activation outliers (fp32)")
+    feeds = recorded_feeds(onnx_dir)
+    peaks = {}
+    for name in components:
+        model = onnx.load(str(onnx_dir / manifest.variants["fp32"][name]))
+        peaks[name] = smooth.activation_peaks(model, feeds[name], [s.activation for s in smooth.smoothable(model)])
+    return peaks
+
+
+def _auto_keep(
+    onnx_dir: Path, manifest: Manifest, mode: str, recipe: str, selected: list[str], peaks: dict, excluded: dict[str, list[str]], step: Callable[[str], None]
+) -> tuple[list[str], Any]:
+    """The fewest decoder nodes to keep float32 so the decoder alone meets AUTO_KL_SHARE of the
+    profile's KL bound and its top-1 floor, ranked on the graph that runs the first pass (in the
+    distilvit layout the same node names are kept in language_model too)."""
+    from vlmexport.quantize import sensitivity
+    from vlmexport.quantize.fidelity import fidelity_set
+    from vlmexport.runtime.bundle import open_bundle
+    from vlmexport.validate.profiles import profile_named
+
+    component = "decoder" if manifest.layout == "compact" else "prefix_init"
+    profile = profile_named(mode)
+    step("--keep-fp32 auto: fidelity set (fp32)")
+    fset = fidelity_set(onnx_dir)
+    fp32 = onnx.load(str(onnx_dir / manifest.variants["fp32"][component]))
+    if component in peaks:
+        smooth.smooth(fp32, peaks[component], SMOOTH_ALPHA)
+    low = onnx.ModelProto()
+    low.CopyFrom(fp32)
+    ranges = _ranges(onnx_dir, manifest, [component]) if mode == "fp16" else []
+    low, _ = _quantize(low, mode, component, None, excluded[component], ranges, recipe)
+    graph = sensitivity.switchable(fp32, low)
+    template = open_bundle(onnx_dir, "fp32", components=())
+    measurer = sensitivity.Measurer(graph, template, component, fset, profile.logits.top1_margin)
+    ranking = sensitivity.rank(measurer, on_node=lambda j, n: step(f"--keep-fp32 auto: node {j + 1}/{n} alone"))
+    step("--keep-fp32 auto: fewest nodes kept")
+    target = profile.end_to_end.teacher_forced_kl * AUTO_KL_SHARE
+    choice = sensitivity.keep_fewest(measurer, ranking, target, profile.end_to_end.teacher_forced_top1)
+    return choice.kept, choice
+
+
+def _auto_note(choice: Any) -> str:
+    met = "meets" if choice.met else "does not meet, even with every ranked node kept,"
+    return (
+        f"--keep-fp32 auto: {len(choice.kept)} of {len(choice.ranking)} decoder nodes kept float32 "
+        f"({', '.join(choice.kept[:6])}{' …' if len(choice.kept) > 6 else ''}); the decoder then {met} its target: "
+        f"KL {choice.fidelity.kl:.4g} (all quantized: {choice.all_low.kl:.4g}), top-1 {choice.fidelity.top1:.3f}; "
+        f"{choice.quantized_share:.1%} of the ranked weight bytes quantized"
+    )
 
 
 def _ranges(onnx_dir: Path, manifest: Manifest, selected: list[str]) -> list[fp16.ActivationRange]:

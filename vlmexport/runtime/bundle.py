@@ -23,8 +23,8 @@ Past = list[np.ndarray]
 RUN_ONCE = ("vision_encoder", "projection", "prefix_init")
 
 
-def session(path: Path, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
-    """A CPU session; raises BundleError if ONNX Runtime cannot load the file."""
+def session(path: Path | bytes, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
+    """A CPU session over a file (or a serialised graph); raises BundleError if ONNX Runtime cannot load it."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -32,11 +32,12 @@ def session(path: Path, threads: int | None = None, spin: bool = True) -> ort.In
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own, unexported, exception types
         message = str(exc).splitlines()[0]
         fix = f"upgrade onnxruntime ({ort.__version__} here) or re-export with --opset 18" if "opset" in message.lower() else "re-export the bundle"
-        raise BundleError(f"ONNX Runtime cannot load {path.name} ({message[:200]})", fix) from exc
+        name = "a graph built in memory" if isinstance(path, bytes) else path.name
+        raise BundleError(f"ONNX Runtime cannot load {name} ({message[:200]})", fix) from exc
 
 
 @dataclass

@@ -15,10 +15,18 @@ from vlmexport.runtime.bundle import Bundle, open_bundle
 from vlmexport.runtime.generate import generate
 
 BATCH_SIZE = 8
-# Dynamic quantization measures one activation scale per tensor, i.e. over the whole batch: an
-# image's int8 caption would depend on the images batched with it. One image per pass keeps
-# captions reproducible (and equal to the browser's, which runs one image at a time).
-BATCH_DEPENDENT_VARIANTS = ("int8", "uint8")
+# Dynamic quantization (the `dynamic` recipe) measures one activation scale per tensor, i.e. over
+# the whole batch: an image's caption would depend on the images batched with it. One image per
+# pass keeps such captions reproducible (and equal to the browser's, which runs one image at a
+# time). Blockwise MatMulNBits quantizes each row on its own, so its variants batch freely.
+BATCH_DEPENDENT_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul"})
+
+
+def batch_dependent(bundle: Bundle) -> bool:
+    """Whether a graph of the bundle's variant shares activation scales across a batch (the manifest lists every file's ops)."""
+    files = bundle.manifest.files
+    ops = {op.split(".")[-1] for relative in bundle.manifest.variants[bundle.variant].values() for op in files.get(relative, {}).get("ops", [])}
+    return bool(ops & BATCH_DEPENDENT_OPS)
 
 
 def bundle_preprocessor(bundle_dir: Path) -> Preprocessor:
@@ -42,7 +50,7 @@ def caption_tokens(bundle: Bundle, pixel_values: np.ndarray, options: DecodeOpti
     facts = bundle.manifest.model
     options = options.with_default_length(int(facts["max_length"]))
     rng = np.random.default_rng(options.seed)  # one stream across batches, so batches do not repeat draws
-    if bundle.variant in BATCH_DEPENDENT_VARIANTS:
+    if batch_dependent(bundle):
         batch_size = 1
     tokens: list[list[int]] = []
     for start in range(0, len(pixel_values), batch_size):

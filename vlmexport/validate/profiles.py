@@ -1,9 +1,17 @@
 """Tolerance profiles: the bounds `check` holds a bundle to, one TOML file per profile.
 
 The shipped profiles live in configs/tolerances/ (fp32, int8, uint8, fp16, q4), each number
-with a comment giving the measurement behind it. A file is validated whole: every problem
-(unknown or missing key, wrong type, value out of range) is collected and reported in one
-error, so a user fixing a profile sees everything at once.
+with a comment giving the measurement behind it. Every bound scales with the model (see
+validate.metrics): errors relative to the tensor's RMS, cosine, KL, and top-1 agreement counted
+where the reference's top-2 margin exceeds the variant's measured noise (`top1_margin`). A file
+is validated whole: every problem (unknown or missing key, wrong type, value out of range) is
+collected and reported in one error, so a user fixing a profile sees everything at once.
+
+Sections: [vision_encoder], [projection], [present] (rel_max, rel_mean, cosine); [logits] (the
+same, top1, top1_margin); [end_to_end] (caption_match, teacher_forced_top1 — clear-margin with
+[logits] top1_margin — teacher_forced_kl); and, optional, [merge] (rel_max, rel_mean,
+teacher_forced_kl, top1, top1_margin): the merged decoder against the LoRA model, which
+`merge`, `export` and `check` verify with fp32.toml's unless a profile has its own.
 """
 
 from __future__ import annotations
@@ -21,12 +29,13 @@ PROFILE_DIR = configs_dir() / "tolerances"
 
 # Metrics where a larger value is better: their bound is a minimum, every other bound a maximum.
 HIGHER_IS_BETTER = frozenset({"cosine", "top1", "caption_match", "teacher_forced_top1"})
-# The values a bound may take: errors and divergences are non-negative, rates are fractions.
+# The values a bound may take: errors, divergences and margins are non-negative, rates are fractions.
 RANGES: dict[str, tuple[float, float]] = {
-    "max_abs": (0.0, math.inf),
-    "mean_abs": (0.0, math.inf),
+    "rel_max": (0.0, math.inf),
+    "rel_mean": (0.0, math.inf),
     "cosine": (-1.0, 1.0),
     "top1": (0.0, 1.0),
+    "top1_margin": (0.0, math.inf),
     "caption_match": (0.0, 1.0),
     "teacher_forced_top1": (0.0, 1.0),
     "teacher_forced_kl": (0.0, math.inf),
@@ -35,12 +44,14 @@ RANGES: dict[str, tuple[float, float]] = {
 
 @dataclass(frozen=True)
 class TensorBounds:
-    """Bounds on one kind of tensor, ONNX against the reference: errors at most, cosine (and top-1) at least."""
+    """Bounds on one kind of tensor, ONNX against the reference (see validate.metrics):
+    relative errors at most, cosine (and clear-margin top-1) at least."""
 
-    max_abs: float
-    mean_abs: float
+    rel_max: float  # max |Δ| / rms(reference)
+    rel_mean: float  # mean |Δ| / rms(reference)
     cosine: float
-    top1: float | None = None  # logits only: fraction of positions with the same arg-max
+    top1: float | None = None  # logits only: arg-max agreement where the reference's margin is clear
+    top1_margin: float | None = None  # logits only: the variant's measured noise, in nats (see metrics)
 
 
 @dataclass(frozen=True)
@@ -48,8 +59,23 @@ class EndToEndBounds:
     """Bounds on whole captions: free-running greedy tokens and teacher-forced decoding."""
 
     caption_match: float  # fraction of images whose greedy tokens equal the reference's, at least
-    teacher_forced_top1: float  # arg-max agreement along the reference tokens, at least
+    # Arg-max agreement along the reference tokens where the reference's top-2 margin exceeds
+    # the profile's logits.top1_margin, at least.
+    teacher_forced_top1: float
     teacher_forced_kl: float  # mean KL(reference ‖ candidate) per position, in nats, at most
+
+
+@dataclass(frozen=True)
+class MergeBounds:
+    """Bounds on the merged decoder against the LoRA model, both PyTorch float32, teacher-forced
+    along the LoRA model's greedy tokens (`vlmexport merge`, `export`, and `check --model-dir`).
+    Identical greedy tokens are reported, not required: a near-tie may flip in a correct merge."""
+
+    rel_max: float  # logits max |Δ| / rms(reference logits)
+    rel_mean: float
+    teacher_forced_kl: float  # mean KL(LoRA ‖ merged) per position, in nats, at most
+    top1: float  # arg-max agreement where the LoRA model's top-2 margin exceeds top1_margin, at least
+    top1_margin: float  # the merge's measured noise, in nats
 
 
 @dataclass(frozen=True)
@@ -64,10 +90,15 @@ class Profile:
     present: TensorBounds  # every present.{i}.key/value, first pass and every step
     end_to_end: EndToEndBounds
     source: str
+    # Optional: fp32.toml has it; a profile without it has its merge judged by fp32's (the merge
+    # is float32 PyTorch arithmetic whatever variant is checked).
+    merge: MergeBounds | None = None
 
 
 TENSOR_SECTIONS = ("vision_encoder", "projection", "logits", "present")
-SECTIONS: dict[str, type] = {**dict.fromkeys(TENSOR_SECTIONS, TensorBounds), "end_to_end": EndToEndBounds}
+SECTIONS: dict[str, type] = {**dict.fromkeys(TENSOR_SECTIONS, TensorBounds), "end_to_end": EndToEndBounds, "merge": MergeBounds}
+OPTIONAL_SECTIONS = frozenset({"merge"})
+LOGITS_ONLY = ("top1", "top1_margin")
 
 
 def profile_names() -> list[str]:
@@ -106,7 +137,11 @@ def load_profile(path: Path) -> Profile:
         problems.append("description must be a non-empty string")
     unknown = sorted(set(data) - {"description", *SECTIONS})
     problems += [f"unknown key {key!r} (known: description, {', '.join(SECTIONS)})" for key in unknown]
-    sections = {name: _section(data.get(name), name, cls, problems) for name, cls in SECTIONS.items()}
+    sections = {
+        name: _section(data.get(name), name, cls, problems)
+        for name, cls in SECTIONS.items()
+        if name not in OPTIONAL_SECTIONS or name in data
+    }
     if problems:
         raise UsageError(
             f"{path}: {len(problems)} problem(s): " + "; ".join(problems),
@@ -120,9 +155,8 @@ def _section(table: Any, name: str, cls: type, problems: list[str]) -> Any:
     if not isinstance(table, dict):
         problems.append(f"[{name}] is missing" if table is None else f"[{name}] must be a table")
         return None
-    allowed = [f.name for f in fields(cls) if name == "logits" or f.name != "top1"]
-    required = [key for key in allowed if key != "top1" or name == "logits"]
-    problems += [f"[{name}] {key} is missing" for key in required if key not in table]
+    allowed = [f.name for f in fields(cls) if cls is not TensorBounds or name == "logits" or f.name not in LOGITS_ONLY]
+    problems += [f"[{name}] {key} is missing" for key in allowed if key not in table]
     problems += [f"[{name}] unknown key {key!r} (known: {', '.join(allowed)})" for key in table if key not in allowed]
     values: dict[str, float] = {}
     for key in allowed:
@@ -136,6 +170,20 @@ def _section(table: Any, name: str, cls: type, problems: list[str]) -> Any:
             problems.append(f"[{name}] {key} = {value} must be between {low} and {high}")
         else:
             values[key] = float(value)
-    if "max_abs" in values and "mean_abs" in values and values["mean_abs"] > values["max_abs"]:
-        problems.append(f"[{name}] mean_abs = {values['mean_abs']} exceeds max_abs = {values['max_abs']} (a mean cannot pass where its max fails)")
-    return cls(**values) if len(values) == len(required) else None
+    if "rel_max" in values and "rel_mean" in values and values["rel_mean"] > values["rel_max"]:
+        problems.append(f"[{name}] rel_mean = {values['rel_mean']} exceeds rel_max = {values['rel_max']} (a mean cannot pass where its max fails)")
+    return cls(**values) if len(values) == len(allowed) else None
+
+
+def merge_bounds(profile: Profile) -> MergeBounds:
+    """The profile's [merge] bounds, or the fp32 profile's when it has none.
+
+    Raises:
+        UsageError: neither has a [merge] section.
+    """
+    if profile.merge is not None:
+        return profile.merge
+    fp32 = profile_named("fp32")
+    if fp32.merge is None:
+        raise UsageError(f"{fp32.source} has no [merge] section", "restore configs/tolerances/fp32.toml")
+    return fp32.merge

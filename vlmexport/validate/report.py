@@ -20,7 +20,11 @@ from vlmexport.fsutil import atomic_file
 from vlmexport.validate.metrics import Measurement
 from vlmexport.validate.profiles import Profile
 
-REPORT_SCHEMA_VERSION = 1
+# 2: relative errors (rel_max, rel_mean) replace max_abs/mean_abs; top1 counts only clear-margin
+# positions and says how many (`counted`, `positions`, `swing`); merge rows use the [merge] bounds;
+# greedy caption `match` is up to the reference's first near-tie (`match_exact` beside it);
+# `portability` (the int16 proof per graph) and `host` (CPU ISA, onnxruntime version) added.
+REPORT_SCHEMA_VERSION = 2
 STEP = re.compile(r" step \d+$")
 
 
@@ -57,6 +61,9 @@ class CheckReport:
     captions: list[CaptionResult]
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # what was not measured, and why
+    portability: list[dict[str, Any]] = field(default_factory=list)  # per graph: the int16 proof (validate/portable.py)
+    host: dict[str, Any] = field(default_factory=dict)  # CPU kind and onnxruntime version the numbers came from
+    exact_captions: float | None = None  # greedy captions identical token for token (the verdict's match allows near-ties)
 
     @property
     def passed(self) -> bool:
@@ -86,7 +93,10 @@ class CheckReport:
         """One line: how many measurements passed, and the closest call or the worst failure."""
         if not self.measurements:
             return "nothing measured"
-        worst = max(self.measurements, key=_badness)
+        # A passing portability proof is a kernel's fixed bound (MatMulNBits 8-bit: 32640 of
+        # 32767 for every graph), not a close call about this bundle: named only when it fails.
+        shown = [m for m in self.measurements if m.component != "portability" or not m.passed] or self.measurements
+        worst = max(shown, key=_badness)
         verdict = "passed" if self.passed else f"{len(self.failures)} failed"
         return (
             f"{len(self.measurements)} measurements, {verdict}; worst {worst.component} {worst.output} "
@@ -104,6 +114,9 @@ class CheckReport:
             "images": len(self.images),
             "checked_at": _now(),
             "vlmexport": __version__,
+            "portable": all(p["passed"] for p in self.portability),
+            "portability": self.portability,
+            "host": self.host,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -123,6 +136,9 @@ class CheckReport:
             "images": self.images,
             "measurements": [_measurement_json(m) for m in self.measurements],
             "captions": [_caption_json(c) for c in self.captions],
+            "match_exact": self.exact_captions,
+            "portability": self.portability,
+            "host": self.host,
             "notes": self.notes,
         }
 
@@ -139,6 +155,8 @@ class Row:
     higher_is_better: bool
     passed: bool
     where: str  # which batch (and step) the worst value came from
+    counted: int | None = None  # clear-margin top-1: positions counted, over every batch and step ...
+    positions: int | None = None  # ... of all positions compared
 
     @property
     def bound(self) -> str:
@@ -146,7 +164,9 @@ class Row:
 
     @property
     def shown_value(self) -> str:
-        return _number(self.value)
+        if self.counted is None:
+            return _number(self.value)
+        return f"{_number(self.value)} ({self.counted}/{self.positions} counted)"
 
 
 def table_rows(report: CheckReport) -> list[Row]:
@@ -161,9 +181,20 @@ def table_rows(report: CheckReport) -> list[Row]:
         step = STEP.search(worst.component)
         where = ", ".join(part for part in (f"batch {worst.batch}" if worst.batch else "", step.group().strip() if step else "") if part)
         rows.append(
-            Row(component, output, metric, worst.value, worst.tolerance, worst.higher_is_better, all(m.passed for m in members), where)
+            Row(
+                component, output, metric, worst.value, worst.tolerance, worst.higher_is_better, all(m.passed for m in members), where,
+                *_counts(members),
+            )
         )
     return rows
+
+
+def _counts(members: list[Measurement]) -> tuple[int | None, int | None]:
+    """Clear-margin top-1: positions counted and compared, summed over the group (None otherwise)."""
+    counted = [m for m in members if m.counted is not None]
+    if not counted:
+        return None, None
+    return sum(m.counted or 0 for m in counted), sum(m.positions or 0 for m in counted)
 
 
 def write_report(report: CheckReport, path: Path) -> None:
@@ -226,7 +257,7 @@ def _number(value: float) -> str:
 
 
 def _measurement_json(m: Measurement) -> dict[str, Any]:
-    return {
+    out = {
         "component": m.component,
         "output": m.output,
         "metric": m.metric,
@@ -236,6 +267,9 @@ def _measurement_json(m: Measurement) -> dict[str, Any]:
         "bound": "min" if m.higher_is_better else "max",
         "passed": m.passed,
     }
+    if m.counted is not None:  # clear-margin top-1
+        out.update(counted=m.counted, positions=m.positions, swing=None if m.swing is None else _finite(m.swing))
+    return out
 
 
 def _caption_json(c: CaptionResult) -> dict[str, Any]:

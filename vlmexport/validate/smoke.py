@@ -1,4 +1,6 @@
-"""The quick parity pass run at the end of every export: one image, every component, two cached steps."""
+"""The quick parity pass run at the end of every export: one image, every component, two cached
+steps — errors relative to each tensor's RMS (`rel_max`, `rel_mean`), bounded by the fp32
+tolerance profile (configs/tolerances/fp32.toml), the same bounds `check` holds fp32 to."""
 
 from __future__ import annotations
 
@@ -8,11 +10,8 @@ import numpy as np
 
 from vlmexport.exporter.manifest import decoder_graphs
 from vlmexport.runtime.runner import Runner
-from vlmexport.validate.metrics import Measurement, max_abs
-
-ACTIVATION_TOLERANCE = 1e-4
-LOGITS_TOLERANCE = 1e-3
-
+from vlmexport.validate.metrics import Measurement, rel_max, rel_mean
+from vlmexport.validate.profiles import Profile, TensorBounds, profile_named
 
 Pass = tuple[np.ndarray, list[np.ndarray]]  # (logits, present)
 
@@ -62,23 +61,44 @@ def record_reference(reference: Runner, pixel_values: np.ndarray, steps: int = 2
     return SmokeReference(pixel_values, hidden, prefix, tokens, decode_passes(reference, prefix, tokens))
 
 
-def prefix_parity(recorded: SmokeReference, candidate: Runner) -> list[Measurement]:
-    """The vision encoder and the projection (the candidate needs only those two)."""
+def _relative(component: str, output: str, reference: np.ndarray, candidate: np.ndarray, bounds: TensorBounds) -> list[Measurement]:
     return [
-        Measurement("vision_encoder", "last_hidden_state", "max_abs", max_abs(recorded.hidden, candidate.vision(recorded.pixel_values)), ACTIVATION_TOLERANCE),
-        Measurement("projection", "projected_prefix", "max_abs", max_abs(recorded.prefix, candidate.project(recorded.hidden)), ACTIVATION_TOLERANCE),
+        Measurement(component, output, "rel_max", rel_max(reference, candidate), bounds.rel_max),
+        Measurement(component, output, "rel_mean", rel_mean(reference, candidate), bounds.rel_mean),
     ]
 
 
-def decoder_parity(recorded: SmokeReference, layout: str, first: Pass, stepper: Runner) -> list[Measurement]:
+def _present(name: str, reference: list[np.ndarray], candidate: list[np.ndarray], bounds: TensorBounds) -> list[Measurement]:
+    """Each present tensor relative to its own RMS; the worst tensor is the measurement."""
+    if len(reference) != len(candidate):
+        worst_max = worst_mean = float("inf")
+    else:
+        worst_max = max(map(rel_max, reference, candidate), default=0.0)
+        worst_mean = max(map(rel_mean, reference, candidate), default=0.0)
+    return [
+        Measurement(name, "present.*", "rel_max", worst_max, bounds.rel_max),
+        Measurement(name, "present.*", "rel_mean", worst_mean, bounds.rel_mean),
+    ]
+
+
+def prefix_parity(recorded: SmokeReference, candidate: Runner, profile: Profile | None = None) -> list[Measurement]:
+    """The vision encoder and the projection (the candidate needs only those two), under
+    `profile` (default fp32)."""
+    profile = profile or profile_named("fp32")
+    hidden = candidate.vision(recorded.pixel_values)
+    out = _relative("vision_encoder", "last_hidden_state", recorded.hidden, hidden, profile.vision_encoder)
+    return out + _relative("projection", "projected_prefix", recorded.prefix, candidate.project(recorded.hidden), profile.projection)
+
+
+def decoder_parity(recorded: SmokeReference, layout: str, first: Pass, stepper: Runner, profile: Profile | None = None) -> list[Measurement]:
     """The candidate's first pass (`first`, run on `recorded.prefix`) and its cached steps
-    (`stepper` needs only the graph that runs them)."""
+    (`stepper` needs only the graph that runs them), under `profile` (default fp32)."""
+    profile = profile or profile_named("fp32")
     out = []
     first_name, later = decoder_graphs(layout)
     passes = zip(recorded.passes, continue_passes(stepper, first, recorded.tokens))
     for i, ((ref_logits, ref_past), (got_logits, got_past)) in enumerate(passes):
         name = first_name if i == 0 else f"{later} step {i}"
-        present = max(map(max_abs, ref_past, got_past), default=0.0) if len(ref_past) == len(got_past) else float("inf")
-        out.append(Measurement(name, "logits", "max_abs", max_abs(ref_logits, got_logits), LOGITS_TOLERANCE))
-        out.append(Measurement(name, "present.*", "max_abs", present, ACTIVATION_TOLERANCE))
+        out += _relative(name, "logits", ref_logits, got_logits, profile.logits)
+        out += _present(name, ref_past, got_past, profile.present)
     return out

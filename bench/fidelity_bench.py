@@ -1,0 +1,107 @@
+"""Fidelity of every variant on the real-weights model, in one run: the README's table.
+
+    .venv/bin/python bench/fidelity_bench.py [--modes int8,uint8,fp16,q4] [--images 16] [--workdir DIR]
+
+The real-weights checkpoint (`vlmexport synth --preset smollm2-135m-real`: SigLIP-base-shaped
+vision, pretrained SmolLM2-135M-Instruct decoder) is built once and cached (see
+vlmexport.checkpoint.pretrained.cached_real_checkpoint), exported compact, quantized in each
+mode; then each variant, end to end, against fp32 (vlmexport.quantize.fidelity): mean KL and
+clear-margin top-1 teacher-forced on `--images` image prefixes and on real English text,
+greedy captions equal to fp32's (exactly, and up to fp32's first near-tie), bytes vs fp32, and
+a 30-token caption's time vs fp32 (variants alternating in one process, median of rounds).
+It prints the CPU kind: integer kernels differ by ISA, so every speed number names it.
+
+Targets (issue #12): int8 KL ≤ 0.01, top-1 ≥ 0.95, captions ≥ 90 %, size ≤ 0.30, caption ≥ 1.8×
+faster than fp32; fp16 KL ≤ 0.001; q4 KL ≤ 0.1, size ≤ 0.20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TARGETS = {
+    "int8": {"kl": 0.01, "top1": 0.95, "captions": 0.9, "size": 0.30, "speed": 1.8},
+    "fp16": {"kl": 0.001},
+    "q4": {"kl": 0.1, "size": 0.20},
+}
+
+
+def caption_ms(bundle, pixels, tokens: int) -> float:
+    from vlmexport.checkpoint.generate import DecodeOptions
+    from vlmexport.runtime.generate import generate
+
+    started = time.perf_counter()
+    generate(bundle, bundle.prefix(pixels), DecodeOptions(max_new_tokens=tokens), None, None)
+    return (time.perf_counter() - started) * 1e3
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="int8,uint8,fp16,q4")
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=20, help="teacher-forced tokens per image")
+    parser.add_argument("--rounds", type=int, default=5, help="timed captions per variant, alternating")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+
+    from vlmexport.checkpoint.pretrained import cached_real_checkpoint
+    from vlmexport.exporter.export import export_bundle
+    from vlmexport.exporter.manifest import read_manifest
+    from vlmexport.quantize.fidelity import end_to_end, fidelity_set
+    from vlmexport.quantize.quantize import quantize_bundle
+    from vlmexport.runtime.bundle import open_bundle
+    from vlmexport.validate.portable import host_cpu
+    from vlmexport.validate.profiles import profile_named
+
+    host = host_cpu()
+    print(f"CPU: {host['cpu']} ({host['machine']}; {', '.join(host['isa'])}); onnxruntime {host['onnxruntime']}")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vlmexport-fidelity-"))
+    checkpoint = cached_real_checkpoint()
+    bundle_dir = workdir / "real-onnx"
+    if not (bundle_dir / "vlmexport.json").is_file():
+        export_bundle(checkpoint, bundle_dir, layout="compact", force=True)
+    modes = [m for m in args.modes.split(",") if m]
+    for mode in modes:
+        if mode not in read_manifest(bundle_dir).variants:
+            started = time.perf_counter()
+            report = quantize_bundle(bundle_dir, mode, verify=False)
+            print(f"quantized {mode} in {time.perf_counter() - started:.0f} s: {', '.join(report.notes) or 'no notes'}")
+    manifest = read_manifest(bundle_dir)
+    sizes = {v: sum(i["size"] for i in manifest.files.values() if i.get("variant") == v) for v in ["fp32", *modes]}
+    fp32 = open_bundle(bundle_dir, "fp32")
+    fset = fidelity_set(bundle_dir, images=args.images, tokens=args.tokens, fp32=fp32)
+    bundles = {"fp32": fp32, **{m: open_bundle(bundle_dir, m) for m in modes}}
+    pixels = fset.pixels[:1]
+    times: dict[str, list[float]] = {v: [] for v in bundles}
+    for b in bundles.values():
+        caption_ms(b, pixels, 30)  # warm-up
+    for _ in range(args.rounds):
+        for v, b in bundles.items():
+            times[v].append(caption_ms(b, pixels, 30))
+    fp32_ms = statistics.median(times["fp32"])
+    print(f"\n{args.images} image prefixes × {args.tokens} tokens + {fset.ids[-1].shape[1]} text tokens; "
+          f"30-token caption, median of {args.rounds}, fp32 {fp32_ms:.0f} ms")  # fmt: skip
+    print("| variant | mean KL (images / text) | top-1, clear margin | captions = fp32 (exact / to first near-tie) | size vs fp32 | caption vs fp32 |")
+    print("|---|---|---|---|---|---|")
+    for mode in modes:
+        margin = profile_named(mode).logits.top1_margin
+        result = end_to_end(fset, bundles[mode], margin)
+        speed = fp32_ms / statistics.median(times[mode])
+        print(
+            f"| {mode} | {result.kl:.4g} ({result.kl_images:.3g} / {result.kl_text:.3g}) | {result.top1:.3f} ({result.clear_positions}/{result.positions} counted, margin {margin:g}) "
+            f"| {result.captions_equal:.0%} / {result.captions_equal_clear:.0%} | {sizes[mode] / sizes['fp32']:.3f} | {speed:.2f}× |"
+        )  # fmt: skip
+    print(f"\ntargets: {TARGETS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""How far a decoder variant's next-token distributions are from fp32's, teacher-forced.
+
+The measure behind every recipe choice, `--keep-fp32 auto` and the README's fidelity table:
+the fp32 bundle's own decoder is fed (a) image prefixes — the bundle's fp32 vision encoder and
+projection on sample images — followed by fp32's greedy tokens, and (b) real English text
+(configs/fidelity/text.txt) with no prefix, and the variant's logits at every position are
+compared with fp32's: mean KL(fp32 ‖ variant) and top-1 agreement where fp32's top-2 margin
+is clear. Teacher forcing compares every position on the same inputs, so one early flip
+neither hides nor exaggerates the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlmexport.checkpoint.preprocess import load_preprocessor
+from vlmexport.resources import configs_dir
+from vlmexport.runtime.bundle import Bundle, open_bundle
+from vlmexport.runtime.generate import greedy
+from vlmexport.samples import sample_images
+from vlmexport.validate.metrics import clear_top1, kl_divergence, top2_margin
+
+TEXT = configs_dir() / "fidelity" / "text.txt"
+# A logit margin (nats) under which fp32's top-2 are a near-tie: a flip there is noise, not a
+# fault (the int8 profile's `top1_margin`; see configs/tolerances/int8.toml for the measurement).
+DEFAULT_MARGIN = 0.5
+
+FirstPass = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (prefix [1, P, D], ids [1, T]) → logits [1, n, V]
+
+
+@dataclass(frozen=True)
+class FidelitySet:
+    """Teacher-forced sequences and fp32's logits along them (one sequence per row of the lists)."""
+
+    prefixes: list[np.ndarray]  # [1, P, D]; P = 0 for text
+    ids: list[np.ndarray]  # [1, T]
+    reference: list[np.ndarray]  # fp32 logits [n, V]
+    images: int  # how many of the sequences are image prefixes (the rest are text)
+    pixels: np.ndarray  # [images, 3, H, W]: what a whole variant captions, end to end
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """A variant against fp32 on a FidelitySet."""
+
+    kl: float  # mean KL(fp32 ‖ variant) per position, nats
+    kl_images: float
+    kl_text: float
+    top1: float  # agreement where fp32's top-2 margin > margin
+    clear_positions: int
+    positions: int
+    captions_equal: float | None = None  # free-running greedy captions identical to fp32's (end to end only)
+    captions_equal_clear: float | None = None  # ... identical up to fp32's first near-tie
+
+    def meets(self, max_kl: float, min_top1: float) -> bool:
+        return self.kl <= max_kl and self.top1 >= min_top1
+
+
+def text_ids(onnx_dir: Path, max_tokens: int = 128) -> np.ndarray:
+    """The fidelity text in the bundle's own tokenizer, [1, T] (tokenizers only: no torch)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(onnx_dir) / "tokenizer.json"))
+    ids = tokenizer.encode(TEXT.read_text().strip(), add_special_tokens=False).ids[:max_tokens]
+    return np.array([ids], np.int64)
+
+
+def fidelity_set(onnx_dir: Path, images: int = 16, tokens: int = 20, fp32: Bundle | None = None) -> FidelitySet:
+    """`images` sample images captioned greedily by fp32 for `tokens` tokens, and the text.
+
+    Raises:
+        BundleError: the fp32 bundle cannot be opened.
+    """
+    onnx_dir = Path(onnx_dir)
+    bundle = fp32 or open_bundle(onnx_dir, "fp32")
+    preprocessor = load_preprocessor(onnx_dir, json.loads((onnx_dir / "config.json").read_text())["vision_config"])
+    pad = bundle.manifest.model["pad_token_id"]
+    pixels = preprocessor(sample_images(images, preprocessor.height))
+    prefixes = [bundle.prefix(pixels[i : i + 1]) for i in range(images)]
+    # eos=None: every sequence is `tokens` long, so every image weighs the same.
+    ids = [np.array(greedy(bundle, prefix, tokens, None, pad), np.int64) for prefix in prefixes]
+    width = int(bundle.manifest.model["embed_dim"])
+    prefixes.append(np.zeros((1, 0, width), np.float32))
+    ids.append(text_ids(onnx_dir))
+    reference = decoder_logits(lambda p, i: bundle.first_pass(p, i)[0], prefixes, ids)
+    return FidelitySet(prefixes, ids, reference, images, pixels)
+
+
+def decoder_logits(first_pass: FirstPass, prefixes: list[np.ndarray], ids: list[np.ndarray]) -> list[np.ndarray]:
+    """Logits of every sequence, one first pass each (batch 1: dynamic int8 scales stay per sequence)."""
+    return [first_pass(prefix, row)[0] for prefix, row in zip(prefixes, ids)]
+
+
+def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float = DEFAULT_MARGIN) -> Fidelity:
+    """The variant's `logits` (one array per sequence of `fset`) against fp32's."""
+    per_sequence = [kl_divergence(ref, got) for ref, got in zip(fset.reference, logits)]
+    reference, got = np.concatenate(fset.reference), np.concatenate(logits)
+    agreement = clear_top1(reference, got, margin)
+    image_kl = np.concatenate(per_sequence[: fset.images]) if fset.images else np.zeros(0)
+    text_kl = np.concatenate(per_sequence[fset.images :]) if len(per_sequence) > fset.images else np.zeros(0)
+    return Fidelity(
+        kl=float(np.concatenate(per_sequence).mean()),
+        kl_images=float(image_kl.mean()) if image_kl.size else 0.0,
+        kl_text=float(text_kl.mean()) if text_kl.size else 0.0,
+        top1=agreement.rate,
+        clear_positions=agreement.counted,
+        positions=len(reference),
+    )
+
+
+def end_to_end(fset: FidelitySet, variant: Bundle, margin: float = DEFAULT_MARGIN) -> Fidelity:
+    """A whole variant against fp32: its own vision encoder and projection make the image
+    prefixes, its decoder is teacher-forced along fp32's tokens, and it captions freely.
+
+    `captions_equal_clear` counts a caption as equal when it is identical to fp32's up to the
+    first position where fp32's top-2 margin is ≤ `margin` (a near-tie, where either token is
+    fp32's own choice by less than the variant's noise; what follows a different choice there
+    is another caption, not an error) — and identical in full when fp32 has no near-tie.
+    """
+    prefixes = [variant.prefix(fset.pixels[i : i + 1]) for i in range(fset.images)] + fset.prefixes[fset.images :]
+    logits = decoder_logits(lambda p, i: variant.first_pass(p, i)[0], prefixes, fset.ids)
+    result = compare(fset, logits, margin)
+    pad = variant.manifest.model["pad_token_id"]
+    equal, equal_clear = [], []
+    for i in range(fset.images):
+        reference = fset.ids[i][0].tolist()
+        caption = greedy(variant, prefixes[i], len(reference), None, pad)[0]
+        ties = np.flatnonzero(top2_margin(fset.reference[i][: len(reference)]) <= margin)
+        clear_until = int(ties[0]) if ties.size else len(reference)
+        equal.append(caption == reference)
+        equal_clear.append(caption[:clear_until] == reference[:clear_until])
+    return dataclasses.replace(result, captions_equal=float(np.mean(equal)), captions_equal_clear=float(np.mean(equal_clear)))
