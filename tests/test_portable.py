@@ -154,3 +154,12 @@ def test_proof_matches_what_avx2_kernels_compute_under_qemu_haswell(tmp_path):
         else:
             # Float outputs: Haswell's non-VNNI kernels agree with this machine's to float rounding.
             assert proven and np.allclose(got, reference, rtol=1e-5, atol=1e-5), name
+
+
+def test_conv_weights_are_bounded_whatever_the_pairing():
+    weights = np.zeros((2, 3, 2, 2), np.int8)
+    weights[0, 0, 0, 0] = weights[0, 2, 1, 1] = 127  # far apart in (C, kh, kw), still one channel
+    assert pair_worst(weights, conv=True) == 255 * 254
+    weights[0, 2, 1, 1] = 0
+    weights[1, 1, 0, 1] = -64
+    assert pair_worst(weights, conv=True) == 255 * 127

@@ -31,7 +31,16 @@ from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.generate import greedy
 from vlmexport.runtime.runner import Runner
 from vlmexport.samples import sample_images
-from vlmexport.validate.metrics import Measurement, clear_top1, cosine, kl_divergence, rel_max, rel_mean, top2_margin
+from vlmexport.validate.metrics import (
+    Measurement,
+    clear_top1,
+    cosine,
+    kl_divergence,
+    present_values,
+    rel_max,
+    rel_mean,
+    top2_margin,
+)
 from vlmexport.validate.portable import INTEGER_OPS, KernelProof, host_cpu, prove_graph
 from vlmexport.validate.profiles import HIGHER_IS_BETTER, Profile, TensorBounds, merge_bounds, profile_named
 from vlmexport.validate.reference import TorchRunner
@@ -292,15 +301,10 @@ def _tensor_values(reference: np.ndarray, candidate: np.ndarray, bounds: TensorB
 
 
 def _present_values(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
-    """Every present tensor relative to its own RMS (layers differ in scale); the worst tensor
-    for each metric: the largest relative errors, the lowest cosine."""
-    if len(reference) != len(candidate) or not reference:
+    """The worst present tensor (validate.metrics.present_values); none at all is infinitely wrong."""
+    if not reference:
         return {"rel_max": float("inf"), "rel_mean": float("inf"), "cosine": float("-inf")}
-    return {
-        "rel_max": max(map(rel_max, reference, candidate)),
-        "rel_mean": max(map(rel_mean, reference, candidate)),
-        "cosine": min(map(cosine, reference, candidate)),
-    }
+    return present_values(reference, candidate)
 
 
 def _component_measurements(

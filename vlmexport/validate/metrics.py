@@ -173,3 +173,16 @@ def kl_divergence(reference_logits: np.ndarray, candidate_logits: np.ndarray) ->
     ref, got = log_softmax(reference_logits), log_softmax(candidate_logits)
     # Clipped at 0: exact ties give -1e-17 from float rounding, and a divergence is never negative.
     return np.maximum((np.exp(ref) * (ref - got)).sum(-1), 0.0)
+
+
+def present_values(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
+    """Every present (KV cache) tensor relative to its own RMS (layers differ in scale); the worst
+    tensor for each metric: the largest relative errors, the lowest cosine. A different number of
+    tensors is infinitely wrong."""
+    if len(reference) != len(candidate):
+        return {"rel_max": float("inf"), "rel_mean": float("inf"), "cosine": float("-inf")}
+    return {
+        "rel_max": max(map(rel_max, reference, candidate), default=0.0),
+        "rel_mean": max(map(rel_mean, reference, candidate), default=0.0),
+        "cosine": min(map(cosine, reference, candidate), default=1.0),
+    }

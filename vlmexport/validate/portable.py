@@ -12,7 +12,7 @@ weights, that no kernel of the variant can saturate on any machine, whichever ma
 | op (u8 activations × s8 weights)                                          | worst int16 pair, over any uint8 activation |
 |---------------------------------------------------------------------------|---------------------------------------------|
 | MatMulInteger, DynamicQuantizeMatMul, MatMulIntegerToFloat, QLinearMatMul | 255 · (w[2i]⁺ + w[2i+1]⁺), likewise for w⁻, over adjacent rows of K |
-| ConvInteger, QLinearConv                                                  | the same over the flattened (channel, kernel) axis |
+| ConvInteger, QLinearConv                                                  | 255 · the two largest same-signed weights of an output channel (any pairing) |
 | MatMulNBits, accuracy level 4 (8 or 4 bits)                               | constant: 8-bit codes are masked so one term of each pair is 0 (255·128 = 32640); 4-bit codes ≤ 15 (2·15·127 = 3810) |
 
 Pairs: MLAS packs B so each VPMADDUBSW pair is rows (2i, 2i+1) of K (K padded with zeros).
@@ -116,10 +116,17 @@ def _constant(name: str, inits: dict, constants: dict) -> np.ndarray | None:
 def pair_worst(weights: np.ndarray, conv: bool = False) -> int:
     """max over output columns and adjacent K pairs of 255·|sum of same-signed weights|.
 
-    MatMul weights are [K, N] (or [..., K, N]); Conv weights [M, C, kh, kw] reduce over (C, kh, kw).
+    MatMul weights are [K, N] (or [..., K, N]). Conv weights [M, C, kh, kw]: how MLAS orders the
+    (C, kh, kw) axis into pairs is not pinned down here, so any two weights of an output channel
+    may share a pair — the two largest of each sign (a bound no pairing can exceed).
     """
     w = weights.astype(np.int64)
-    k_major = w.reshape(w.shape[0], -1).T if conv else w.reshape(-1, w.shape[-2], w.shape[-1]).transpose(1, 0, 2).reshape(w.shape[-2], -1)
+    if conv:
+        per_channel = np.sort(w.reshape(w.shape[0], -1), axis=1)
+        positive = np.clip(per_channel[:, -2:], 0, None).sum(axis=1)
+        negative = -np.clip(per_channel[:, :2], None, 0).sum(axis=1)
+        return int(UINT8_MAX * max(positive.max(initial=0), negative.max(initial=0)))
+    k_major = w.reshape(-1, w.shape[-2], w.shape[-1]).transpose(1, 0, 2).reshape(w.shape[-2], -1)
     if k_major.shape[0] % 2:
         k_major = np.concatenate([k_major, np.zeros((1, k_major.shape[1]), np.int64)])
     pairs = k_major.reshape(-1, 2, k_major.shape[1])

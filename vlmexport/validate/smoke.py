@@ -10,7 +10,7 @@ import numpy as np
 
 from vlmexport.exporter.manifest import decoder_graphs
 from vlmexport.runtime.runner import Runner
-from vlmexport.validate.metrics import Measurement, rel_max, rel_mean
+from vlmexport.validate.metrics import Measurement, present_values, rel_max, rel_mean
 from vlmexport.validate.profiles import Profile, TensorBounds, profile_named
 
 Pass = tuple[np.ndarray, list[np.ndarray]]  # (logits, present)
@@ -70,14 +70,10 @@ def _relative(component: str, output: str, reference: np.ndarray, candidate: np.
 
 def _present(name: str, reference: list[np.ndarray], candidate: list[np.ndarray], bounds: TensorBounds) -> list[Measurement]:
     """Each present tensor relative to its own RMS; the worst tensor is the measurement."""
-    if len(reference) != len(candidate):
-        worst_max = worst_mean = float("inf")
-    else:
-        worst_max = max(map(rel_max, reference, candidate), default=0.0)
-        worst_mean = max(map(rel_mean, reference, candidate), default=0.0)
+    values = present_values(reference, candidate)
     return [
-        Measurement(name, "present.*", "rel_max", worst_max, bounds.rel_max),
-        Measurement(name, "present.*", "rel_mean", worst_mean, bounds.rel_mean),
+        Measurement(name, "present.*", "rel_max", values["rel_max"], bounds.rel_max),
+        Measurement(name, "present.*", "rel_mean", values["rel_mean"], bounds.rel_mean),
     ]
 
 
