@@ -209,12 +209,17 @@ def test_excluded_nodes_stay_float32_and_an_excluded_head_keeps_one_float_table(
     open_bundle(onnx_dir, mode)
 
 
-def test_uint8_blocks_have_zero_points_and_int8_blocks_are_symmetric(bundle) -> None:
+@pytest.mark.parametrize(("mode", "decoder_zero_points"), [("int8", False), ("uint8", True)])
+def test_uint8_blocks_have_zero_points_and_int8_decoder_blocks_are_symmetric(bundle, mode: str, decoder_zero_points: bool) -> None:
     onnx_dir = bundle()
-    for mode, zero_points in (("int8", False), ("uint8", True)):
-        quantize_bundle(onnx_dir, mode, components=["projection"], verify=False)
-        nodes = [n for n in onnx.load(str(onnx_dir / f"projection_{mode}.onnx")).graph.node if n.op_type == "MatMulNBits"]
-        assert nodes and all((len(n.input) > 3 and bool(n.input[3])) == zero_points for n in nodes)
+    quantize_bundle(onnx_dir, mode, components=["projection", "decoder"], verify=False)
+
+    def zero_points(relative: str) -> set[bool]:
+        nodes = [n for n in onnx.load(str(onnx_dir / relative)).graph.node if n.op_type == "MatMulNBits"]
+        return {len(n.input) > 3 and bool(n.input[3]) for n in nodes}
+
+    assert zero_points(f"decoder/model_{mode}.onnx") == {decoder_zero_points}
+    assert zero_points(f"projection_{mode}.onnx") == {True}  # both: zero points for the encoders (measured)
 
 
 def test_dynamic_recipe_uint8_uses_unsigned_weights_and_int8_signed_seven_bit(bundle) -> None:
