@@ -29,7 +29,7 @@ from vlmexport.validate.metrics import clear_top1, kl_divergence, top2_margin
 TEXT = configs_dir() / "fidelity" / "text.txt"
 # A logit margin (nats) under which fp32's top-2 are a near-tie: a flip there is noise, not a
 # fault (the int8 profile's `top1_margin`; see configs/tolerances/int8.toml for the measurement).
-DEFAULT_MARGIN = 0.5
+DEFAULT_MARGIN = 1.0
 
 FirstPass = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (prefix [1, P, D], ids [1, T]) → logits [1, n, V]
 
