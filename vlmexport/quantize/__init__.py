@@ -5,7 +5,7 @@
 | int8  | MatMulNBits 8-bit blocks of 32, accuracy level 4: decoder symmetric with outliers migrated, vision encoder and projection with zero points (blockwise.py, smooth.py) | `*_int8.onnx`  |
 | uint8 | the same with uint8 codes and a zero point per block                                    | `*_uint8.onnx` |
 | fp16  | convert_float_to_float16, graph I/O fp32, measured-hot nodes in real float32 islands (fp16.py) | `*_fp16.onnx`  |
-| q4    | MatMulNBits 4-bit symmetric blocks of 32; down_proj and the tied head at 8 bits          | `*_q4.onnx`    |
+| q4    | MatMulNBits 4-bit blocks of 32: decoder by HQQ with the tied head at 8 bits, encoders RTN | `*_q4.onnx`    |
 
 `--recipe dynamic` keeps onnxruntime's quantize_dynamic (MatMulInteger; int8 with 7-bit weights,
 uint8 U8U8) for runtimes without MatMulNBits (integer.py). `--keep-fp32 auto` ranks every decoder
@@ -26,7 +26,8 @@ only, x86 AVX512-VNNI:
 | … uint8 (zero points), α 0.4                                    | 0.0073  | 156 MB  |
 | MatMulNBits 4-bit, block 32 (symmetric; asymmetric 0.42)        | 0.43    | 85 MB   |
 | … block 16                                                      | 0.30    | 101 MB  |
-| … down_proj 8-bit / + head 8-bit, α 0.4                         | 0.32 / **0.21** | 98 / 112 MB |
+| … down_proj 8-bit / + head 8-bit, α 0.4                         | 0.32 / 0.21 | 98 / 112 MB |
+| HQQ 4-bit (onnxruntime's HQQ config), down_proj + head 8-bit / head 8-bit | 0.049 / **0.045** | 122 / 112 MB |
 | fp16, converter alone (float32 "kept" nodes exchange float16)   | 6.5     |         |
 | fp16, measured-hot nodes in joined float32 islands              | 1.6e-5  |         |
 

@@ -51,8 +51,14 @@ class BlockwiseRecipe:
     accuracy_level: int = 4  # int8 compute of the activations where the runtime has such kernels
     # fnmatch patterns of MatMul nodes given 8 bits in a 4-bit recipe (mixed precision).
     high_bits: tuple[str, ...] = field(default_factory=tuple)
+    # "rtn" rounds each block to its nearest codes; "hqq" (onnxruntime's HQQ config: zero points
+    # and scales optimised per block, half-quadratic, no calibration data; needs torch) for bits < 8.
+    algorithm: str = "rtn"
+    smooth_alpha: float | None = 0.4  # outlier migration in decoder graphs (smooth.py); None: none
 
     def describe(self) -> str:
+        if self.algorithm == "hqq":
+            return f"{self.bits}-bit HQQ (zero points), blocks of {self.block_size}, float compute; 8-bit: {', '.join(self.high_bits) or 'none'}"
         kind = "symmetric" if self.symmetric else "asymmetric (zero points)"
         return f"{self.bits}-bit {kind}, blocks of {self.block_size}, accuracy_level {self.accuracy_level}"
 
@@ -74,7 +80,7 @@ def quantize_blockwise(
     if recipe.bits >= 8:
         high = []
     if high:
-        model = _nbits(model, recipe, 8, exclude, include=high)
+        model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, recipe.accuracy_level), 8, exclude, include=high)
     model = _nbits(model, recipe, recipe.bits, exclude, include=None)
     shared_ok = [_gather_from_head(model, table) for table in tables]
     shared.store_shared_weights_once(model)  # an excluded head's float table: once again
@@ -95,10 +101,16 @@ def _nbits(model: onnx.ModelProto, recipe: BlockwiseRecipe, bits: int, exclude: 
         # The quantizer's nodes_to_include adds to op_types_to_quantize rather than restricting
         # it: restrict by excluding every other MatMul.
         exclude = list(exclude) + [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in include]
-    quantizer = MatMulNBitsQuantizer(
-        model, bits=bits, block_size=recipe.block_size, is_symmetric=recipe.symmetric, accuracy_level=recipe.accuracy_level,
-        nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",),
-    )  # fmt: skip
+    if recipe.algorithm == "hqq":
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+        config = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=bits, op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), algo_config=config)
+    else:
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=bits, block_size=recipe.block_size, is_symmetric=recipe.symmetric, accuracy_level=recipe.accuracy_level,
+            nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",),
+        )  # fmt: skip
     with quiet_root_logger():
         quantizer.process()
     return quantizer.model.model
