@@ -240,6 +240,7 @@ def test_dynamic_recipe_uint8_uses_unsigned_weights_and_int8_signed_seven_bit(bu
         (["--mode", "fp16", "--per-channel"], "apply to --recipe dynamic"),
         (["--mode", "q4", "--recipe", "dynamic"], "applies to int8 and uint8"),
         (["--recipe", "static"], "unknown recipe"),
+        (["--recipe", "hqq"], "applies to q4, not int8"),
         (["--keep-fp32", "some"], "is not a choice"),
         (["--components", "prefix_init"], "unknown component"),
         (["--exclude-nodes", "nothing-is-called-this"], "matches no node"),

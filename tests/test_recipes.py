@@ -127,3 +127,15 @@ def test_fp16_kept_nodes_exchange_float32_directly(shapes_bundle: Path) -> None:
     assert joined > 0 and round_trips(converted.graph) == 0
     feed = recorded_feeds(shapes_bundle)["decoder"][0]
     assert np.isfinite(_run(converted, feed)).all()
+
+
+def test_hqq_recipe_optimises_q4_decoder_blocks_and_keeps_the_head_8_bit(bundle) -> None:
+    onnx_dir = bundle()
+    report = quantize_bundle(onnx_dir, "q4", verify=False, recipe="hqq")
+    graph = onnx.load(str(onnx_dir / "decoder/model_q4.onnx")).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits["/lm_head/MatMul_Q8"] == 8 and {b for name, b in bits.items() if "lm_head" not in name} == {4}
+    zero_points = [n.input[3] for n in graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3 and n.input[3]]
+    assert len(zero_points) == len(bits) - 1  # HQQ's per-block zero points; the 8-bit head is symmetric
+    decoder = next(r for r in report.rows if r.component == "decoder")
+    assert "HQQ" in decoder.settings["weights"] and "smoothing" not in decoder.settings

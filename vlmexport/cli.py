@@ -312,7 +312,7 @@ def quantize(
     onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder (with its fp32 variant)")] = Path("onnx"),
     mode: Annotated[str, typer.Option("--mode", help="int8, uint8 (unsigned weights, transformers.js style), fp16 or q4")] = "int8",
     components: Annotated[list[str] | None, typer.Option("--components", help="component to quantize (repeatable; default: all)")] = None,
-    recipe: Annotated[str, typer.Option("--recipe", help="blockwise (MatMulNBits, default) or dynamic (quantize_dynamic, int8/uint8 only)")] = "blockwise",
+    recipe: Annotated[str, typer.Option("--recipe", help="blockwise (MatMulNBits, default), dynamic (quantize_dynamic, int8/uint8) or hqq (q4: more accurate, slower)")] = "blockwise",
     per_channel: Annotated[bool | None, typer.Option("--per-channel/--no-per-channel", help="--recipe dynamic: weight scales per output channel (default: measured choice per component)")] = None,
     exclude_nodes: Annotated[list[str] | None, typer.Option("--exclude-nodes", help="fnmatch pattern of node names kept in fp32 (repeatable)")] = None,
     keep_fp32: Annotated[str | None, typer.Option("--keep-fp32", help="auto: keep the fewest decoder nodes fp32 that meet the profile, by measured sensitivity")] = None,

@@ -37,19 +37,25 @@ MODES = ("int8", "uint8", "fp16", "q4")
 RECIPES: dict[str, BlockwiseRecipe] = {
     "int8": BlockwiseRecipe(bits=8, symmetric=True),
     "uint8": BlockwiseRecipe(bits=8, symmetric=False),
-    # q4: HQQ 4-bit, the tied head (table) at 8 bits, no outlier migration (it moves error into
-    # the weights, which 4 bits cannot spare). Decoder KL on the real-weights model: RTN symmetric
-    # 0.43, RTN with down_proj + head at 8 bits and migration 0.21, HQQ with the head at 8 bits 0.045.
+    # q4: decoder KL on the real-weights model: symmetric 4-bit 0.43, with down_proj + head at 8
+    # bits and outlier migration 0.21 (end to end 0.31 on 16 images, 1.32× faster than fp32).
+    "q4": BlockwiseRecipe(bits=4, symmetric=True, high_bits=("*down_proj*", "*lm_head*")),
+}
+# `--recipe hqq` (q4): the decoder by HQQ with the tied head at 8 bits, no outlier migration (it
+# moves error into the weights, which 4 bits cannot spare): decoder KL 0.045, end to end 0.106 on
+# 16 images — but HQQ's float zero points have no int8 kernel, so onnxruntime runs these
+# MatMulNBits in float: a caption 0.30× the speed of fp32 (measured). The encoders stay RTN.
+HQQ_RECIPES: dict[str, BlockwiseRecipe] = {
     "q4": BlockwiseRecipe(bits=4, symmetric=False, high_bits=("*lm_head*",), algorithm="hqq", smooth_alpha=None),
 }
 # int8's vision encoder and projection: zero-point blocks. End to end on the real-weights model
 # (16 image prefixes + text), symmetric everywhere gave mean KL 0.022, zero points for these two
 # 0.0097; the decoder itself measured better symmetric (0.0056 vs 0.0073).
-# q4's encoders: RTN symmetric 4-bit — HQQ's per-block zero points and scales cost the vision
-# encoder 67 MB instead of 54 MB, which puts the variant over 0.20 × fp32 (measured 0.203).
+# q4's encoders, with either recipe: RTN symmetric 4-bit — HQQ's per-block zero points and scales
+# cost the vision encoder 67 MB instead of 54 MB, which puts the variant over 0.20 × fp32 (0.203).
 ENCODER_RECIPES: dict[str, BlockwiseRecipe] = {"int8": BlockwiseRecipe(bits=8, symmetric=False), "q4": BlockwiseRecipe(bits=4, symmetric=True)}
 ENCODERS = ("vision_encoder", "projection")
-RECIPE_NAMES = ("blockwise", "dynamic")
+RECIPE_NAMES = ("blockwise", "dynamic", "hqq")
 DECODERS = ("decoder", "prefix_init", "language_model")
 # SmoothQuant's α (BlockwiseRecipe.smooth_alpha, smooth.py) for 8-bit decoders: on the real-weights
 # model, 8-bit mean KL 0.0118 unsmoothed, 0.0092 at α 0.3, 0.0056 at 0.4, 0.0071 at 0.5, 0.0131 at 0.7.
@@ -153,8 +159,8 @@ def quantize_bundle(
     if mode == "fp16":
         step("measuring activation ranges (fp32)")
         report.activation_ranges = _ranges(onnx_dir, manifest, selected)
-    blockwise = mode in RECIPES and recipe == "blockwise"
-    smoothed = [name for name in selected if blockwise and name in DECODERS and RECIPES[mode].smooth_alpha is not None]
+    chosen = _recipe(mode, recipe)
+    smoothed = [name for name in selected if chosen is not None and name in DECODERS and chosen.smooth_alpha is not None]
     peaks = _peaks(onnx_dir, manifest, smoothed, step) if smoothed else {}
     if keep_fp32 == "auto":
         kept, choice = _auto_keep(onnx_dir, manifest, mode, recipe, selected, peaks, excluded, step)
@@ -170,10 +176,10 @@ def quantize_bundle(
             model, fused = optimize_graph(model, name) if optimize else (model, False)
             ranges = [r for r in report.activation_ranges if r.component == name]
             if name in peaks:
-                count = smooth.smooth(model, peaks[name], RECIPES[mode].smooth_alpha)
+                count = smooth.smooth(model, peaks[name], chosen.smooth_alpha)
             quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe)
             if name in peaks:
-                settings["smoothing"] = f"SmoothQuant-style outlier migration, alpha {RECIPES[mode].smooth_alpha}, {count} activations (smooth.py)"
+                settings["smoothing"] = f"SmoothQuant-style outlier migration, alpha {chosen.smooth_alpha}, {count} activations (smooth.py)"
             if fused:
                 settings["optimized"] = "onnxruntime.transformers fusions (see vlmexport.quantize.optimize)"
             elif optimize:
@@ -214,6 +220,8 @@ def _check_arguments(
         raise UsageError(f"unknown recipe {recipe!r}", f"use one of: {', '.join(RECIPE_NAMES)}")
     if recipe == "dynamic" and mode not in integer.WEIGHT_TYPES:
         raise UsageError(f"--recipe dynamic applies to int8 and uint8, not {mode}", "drop the flag")
+    if recipe == "hqq" and mode not in HQQ_RECIPES:
+        raise UsageError(f"--recipe hqq applies to {', '.join(HQQ_RECIPES)}, not {mode}", "drop the flag")
     if per_channel is not None and recipe != "dynamic":
         raise UsageError("--per-channel/--no-per-channel apply to --recipe dynamic", "add --recipe dynamic or drop the flag")
     if keep_fp32 not in (None, "auto"):
@@ -266,8 +274,16 @@ def _quantize(
         return fp16.convert_fp16(model, ranges, exclude)
     if recipe == "dynamic":
         return integer.quantize_integer(model, mode, component, per_channel, exclude)
-    chosen = ENCODER_RECIPES.get(mode, RECIPES[mode]) if component in ENCODERS else RECIPES[mode]
+    decoder = _recipe(mode, recipe)
+    chosen = ENCODER_RECIPES.get(mode, RECIPES[mode]) if component in ENCODERS else decoder
     return quantize_blockwise(model, chosen, exclude)
+
+
+def _recipe(mode: str, recipe: str) -> BlockwiseRecipe | None:
+    """The blockwise recipe of `mode`'s decoder (None for fp16 and the dynamic recipe)."""
+    if recipe == "hqq":
+        return HQQ_RECIPES[mode]
+    return RECIPES.get(mode) if recipe == "blockwise" else None
 
 
 def _peaks(onnx_dir: Path, manifest: Manifest, components: list[str], step: Callable[[str], None]) -> dict[str, dict]:
@@ -301,7 +317,7 @@ def _auto_keep(
     fset = fidelity_set(onnx_dir)
     fp32 = onnx.load(str(onnx_dir / manifest.variants["fp32"][component]))
     if component in peaks:
-        smooth.smooth(fp32, peaks[component], RECIPES[mode].smooth_alpha)
+        smooth.smooth(fp32, peaks[component], _recipe(mode, recipe).smooth_alpha)
     low = onnx.ModelProto()
     low.CopyFrom(fp32)
     ranges = _ranges(onnx_dir, manifest, [component]) if mode == "fp16" else []
