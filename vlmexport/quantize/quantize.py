@@ -163,7 +163,7 @@ def quantize_bundle(
     smoothed = [name for name in selected if chosen is not None and name in DECODERS and chosen.smooth_alpha is not None]
     peaks = _peaks(onnx_dir, manifest, smoothed, step) if smoothed else {}
     if keep_fp32 == "auto":
-        kept, choice = _auto_keep(onnx_dir, manifest, mode, recipe, selected, peaks, excluded, step)
+        kept, choice = _auto_keep(onnx_dir, manifest, mode, recipe, peaks, excluded, step)
         excluded = {name: sorted(set(excluded[name]) | set(kept if name in DECODERS else [])) for name in excluded}
         report.notes.append(_auto_note(choice))
         report.keep_fp32 = choice
@@ -301,7 +301,7 @@ def _peaks(onnx_dir: Path, manifest: Manifest, components: list[str], step: Call
 
 
 def _auto_keep(
-    onnx_dir: Path, manifest: Manifest, mode: str, recipe: str, selected: list[str], peaks: dict, excluded: dict[str, list[str]], step: Callable[[str], None]
+    onnx_dir: Path, manifest: Manifest, mode: str, recipe: str, peaks: dict, excluded: dict[str, list[str]], step: Callable[[str], None]
 ) -> tuple[list[str], Any]:
     """The fewest decoder nodes to keep float32 so the decoder alone meets AUTO_KL_SHARE of the
     profile's KL bound and its top-1 floor, ranked on the graph that runs the first pass (in the
@@ -320,8 +320,7 @@ def _auto_keep(
         smooth.smooth(fp32, peaks[component], _recipe(mode, recipe).smooth_alpha)
     low = onnx.ModelProto()
     low.CopyFrom(fp32)
-    ranges = _ranges(onnx_dir, manifest, [component]) if mode == "fp16" else []
-    low, _ = _quantize(low, mode, component, None, excluded[component], ranges, recipe)
+    low, _ = _quantize(low, mode, component, None, excluded[component], [], recipe)  # never fp16 (refused above)
     graph = sensitivity.switchable(fp32, low)
     template = open_bundle(onnx_dir, "fp32", components=())
     measurer = sensitivity.Measurer(graph, template, component, fset, profile.logits.top1_margin)

@@ -41,7 +41,7 @@ from vlmexport.validate.metrics import (
     rel_mean,
     top2_margin,
 )
-from vlmexport.validate.portable import INTEGER_OPS, KernelProof, host_cpu, prove_graph
+from vlmexport.validate.portable import host_cpu, portability
 from vlmexport.validate.profiles import HIGHER_IS_BETTER, Profile, TensorBounds, merge_bounds, profile_named
 from vlmexport.validate.reference import TorchRunner
 from vlmexport.validate.report import CaptionResult, CheckReport
@@ -408,39 +408,6 @@ def _clear_caption_match(ref_logits: np.ndarray, ref_tokens: list[list[int]], ca
         ties = np.flatnonzero(margins <= margin)
         equal.append(caption == reference if not ties.size else caption[: ties[0]] == reference[: ties[0]])
     return float(np.mean(equal))
-
-
-@dataclass(frozen=True)
-class GraphProof:
-    """The portability proof of one graph: its worst integer kernel."""
-
-    file: str
-    kernels: int
-    worst: KernelProof
-
-    @property
-    def measurement(self) -> Measurement:
-        return Measurement("portability", f"{self.file} {self.worst.node}", "int16 pair", float(self.worst.worst), float(self.worst.limit))
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "file": self.file, "integer_kernels": self.kernels, "worst_node": self.worst.node, "op_type": self.worst.op_type,
-            "worst_int16_pair": self.worst.worst, "limit": self.worst.limit, "passed": self.worst.passed,
-        }  # fmt: skip
-
-
-def portability(onnx_dir: Path, manifest: Manifest, variant: str) -> list[GraphProof]:
-    """The int16 proof of every graph of `variant` that has integer kernels (validate/portable.py)."""
-    out = []
-    fp32 = set(manifest.variants.get("fp32", {}).values())  # exported float graphs: no integer kernel to prove
-    for relative in sorted(set(manifest.variants[variant].values()) - fp32):
-        ops = manifest.files.get(relative, {}).get("ops")
-        if ops is not None and not any(op.split(".")[-1] in INTEGER_OPS for op in ops):
-            continue  # the manifest (verified above) lists the graph's ops: nothing to prove
-        proofs = prove_graph(onnx_dir / relative, relative)
-        if proofs:
-            out.append(GraphProof(relative, len(proofs), max(proofs, key=lambda p: p.worst)))
-    return out
 
 
 def _record_verdict(onnx_dir: Path, report: CheckReport) -> list[str]:

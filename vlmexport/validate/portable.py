@@ -28,10 +28,14 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from vlmexport.exporter.manifest import Manifest
+from vlmexport.validate.metrics import Measurement
 
 INT16_MAX = 32767
 UINT8_MAX = 255
@@ -134,6 +138,39 @@ def pair_worst(weights: np.ndarray, conv: bool = False) -> int:
     negative = -np.clip(pairs, None, 0).sum(axis=1)
     # Negative sums may reach -32768; the bound is stated against 32767 for both (one count of slack).
     return int(UINT8_MAX * max(positive.max(initial=0), negative.max(initial=0)))
+
+
+@dataclass(frozen=True)
+class GraphProof:
+    """The portability proof of one graph: its worst integer kernel."""
+
+    file: str
+    kernels: int
+    worst: KernelProof
+
+    @property
+    def measurement(self) -> Measurement:
+        return Measurement("portability", f"{self.file} {self.worst.node}", "int16 pair", float(self.worst.worst), float(self.worst.limit))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "integer_kernels": self.kernels, "worst_node": self.worst.node, "op_type": self.worst.op_type,
+            "worst_int16_pair": self.worst.worst, "limit": self.worst.limit, "passed": self.worst.passed,
+        }  # fmt: skip
+
+
+def portability(onnx_dir: Path, manifest: Manifest, variant: str) -> list[GraphProof]:
+    """The int16 proof of every graph of `variant` that has integer kernels (check's portability rows)."""
+    out = []
+    fp32 = set(manifest.variants.get("fp32", {}).values())  # exported float graphs: no integer kernel to prove
+    for relative in sorted(set(manifest.variants[variant].values()) - fp32):
+        ops = manifest.files.get(relative, {}).get("ops")
+        if ops is not None and not any(op.split(".")[-1] in INTEGER_OPS for op in ops):
+            continue  # the manifest (verified by check first) lists the graph's ops: nothing to prove
+        proofs = prove_graph(onnx_dir / relative, relative)
+        if proofs:
+            out.append(GraphProof(relative, len(proofs), max(proofs, key=lambda p: p.worst)))
+    return out
 
 
 def host_cpu() -> dict[str, object]:
