@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 from serving import require, running_server
 
+from vlmexport.bundle.preprocess import open_image
 from vlmexport.checkpoint.generate import DecodeOptions, decode
 from vlmexport.checkpoint.load import load_tokenizer
-from vlmexport.checkpoint.preprocess import open_image
 from vlmexport.exporter.export import export_bundle
 from vlmexport.quantize.quantize import quantize_bundle
 from vlmexport.runtime.bundle import open_bundle

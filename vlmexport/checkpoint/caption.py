@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmexport.bundle.preprocess import open_image
 from vlmexport.checkpoint.generate import DecodeOptions, decode, generate_tokens
 from vlmexport.checkpoint.load import load_checkpoint
-from vlmexport.checkpoint.preprocess import open_image
 
 
 def caption_images_torch(

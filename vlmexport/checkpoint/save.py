@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
+from vlmexport.bundle.preprocess import PREPROCESSOR_NAME, Preprocessor
 from vlmexport.checkpoint.config import VLMConfig
 from vlmexport.checkpoint.load import WEIGHTS_NAME, ignorable_keys
 from vlmexport.checkpoint.model import PrefixConditioningVLM
-from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME, Preprocessor
 
 # transformers 4.x ViT names, from the 5.x names (the reverse of transformers' ViT conversion table).
 _VIT_4X_NAMES = (

@@ -12,14 +12,14 @@ from pathlib import Path
 import onnx
 import torch
 
+from vlmexport.bundle.manifest import LAYOUTS, Manifest, decoder_graphs
+from vlmexport.bundle.preprocess import PREPROCESSOR_NAME
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 from vlmexport.checkpoint.merge import MergeReport, verified_merge
 from vlmexport.checkpoint.model import PrefixConditioningVLM
-from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME
 from vlmexport.errors import BundleError, ParityError, UsageError
 from vlmexport.exporter import graphs
 from vlmexport.exporter.attention import FUSED_OPSET, export_attention
-from vlmexport.exporter.manifest import LAYOUTS, Manifest, decoder_graphs
 from vlmexport.exporter.memory import release_freed_memory, store_linear_weights_transposed
 from vlmexport.exporter.onnx_io import trace_graph, write_graph
 from vlmexport.fsutil import atomic_output_dir, check_output_dir

@@ -26,7 +26,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
-from vlmexport.exporter.names import BATCH
+from vlmexport.bundle.names import BATCH
 
 # Ops of shape arithmetic: cheap, exact on small integer tensors, no weights.
 SHAPE_OPS = {

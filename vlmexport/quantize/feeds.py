@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmexport.checkpoint.preprocess import load_preprocessor
+from vlmexport.bundle.preprocess import load_preprocessor
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.generate import greedy
 from vlmexport.samples import sample_images

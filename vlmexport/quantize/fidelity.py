@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmexport.checkpoint.preprocess import load_preprocessor
+from vlmexport.bundle.preprocess import load_preprocessor
 from vlmexport.resources import configs_dir
 from vlmexport.runtime.bundle import Bundle, open_bundle
 from vlmexport.runtime.generate import greedy

@@ -23,8 +23,8 @@ from typing import Any
 
 import onnx
 
+from vlmexport.bundle.manifest import Manifest, read_manifest, variant_path, verify_files
 from vlmexport.errors import BundleError, UsageError
-from vlmexport.exporter.manifest import Manifest, read_manifest, variant_path, verify_files
 from vlmexport.exporter.onnx_io import TWO_GB, signature
 from vlmexport.quantize import fp16, integer, smooth
 from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise

@@ -84,7 +84,7 @@ def run_bench(
         BundleError: no bundle, or a variant it does not have (checked before anything runs).
         CheckpointError: the checkpoint cannot be loaded.
     """
-    from vlmexport.exporter.manifest import read_manifest
+    from vlmexport.bundle.manifest import read_manifest
 
     if tokens < 1 or repeats < 1:
         raise UsageError("--tokens and --repeats must be at least 1", "pass positive numbers")

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vlmexport.bundle.manifest import Manifest, read_manifest
+from vlmexport.bundle.names import past_names
 from vlmexport.errors import BundleError
-from vlmexport.exporter.manifest import Manifest, read_manifest
-from vlmexport.exporter.names import past_names
 
 Past = list[np.ndarray]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmexport.bundle.preprocess import Preprocessor, load_preprocessor, open_image
 from vlmexport.checkpoint.generate import DecodeOptions, decode
 from vlmexport.checkpoint.load import load_tokenizer
-from vlmexport.checkpoint.preprocess import Preprocessor, load_preprocessor, open_image
 from vlmexport.errors import BundleError
 from vlmexport.runtime.bundle import Bundle, open_bundle
 from vlmexport.runtime.generate import generate

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from vlmexport.bundle.manifest import MANIFEST_NAME, read_manifest
+from vlmexport.bundle.preprocess import open_image
 from vlmexport.checkpoint.generate import DecodeOptions, decode
 from vlmexport.checkpoint.load import load_tokenizer
-from vlmexport.checkpoint.preprocess import open_image
 from vlmexport.errors import BundleError, ImageError, UsageError, VlmExportError
-from vlmexport.exporter.manifest import MANIFEST_NAME, read_manifest
 from vlmexport.runtime.bundle import Bundle, open_bundle
 from vlmexport.runtime.caption import bundle_preprocessor, caption_tokens
 

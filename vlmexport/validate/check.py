@@ -19,13 +19,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from vlmexport.bundle.manifest import VARIANTS, Manifest, read_manifest, verify_files
+from vlmexport.bundle.preprocess import Preprocessor, load_preprocessor, open_image
 from vlmexport.checkpoint.generate import DecodeOptions, decode, generate_tokens
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint, load_tokenizer
 from vlmexport.checkpoint.merge import forced_positions, merge_measurements, merged_model
-from vlmexport.checkpoint.preprocess import Preprocessor, load_preprocessor, open_image
 from vlmexport.errors import BundleError, ImageError, UsageError
 from vlmexport.exporter.graphs import decoder_shape
-from vlmexport.exporter.manifest import VARIANTS, Manifest, read_manifest, verify_files
 from vlmexport.exporter.onnx_io import signature
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.generate import greedy

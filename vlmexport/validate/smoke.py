@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlmexport.exporter.manifest import decoder_graphs
+from vlmexport.bundle.manifest import decoder_graphs
 from vlmexport.runtime.runner import Runner
 from vlmexport.validate.metrics import Measurement, present_values, rel_max, rel_mean
 from vlmexport.validate.profiles import Profile, TensorBounds, profile_named
