@@ -35,7 +35,7 @@ TARGETS = {
 
 
 def caption_ms(bundle, pixels, tokens: int) -> float:
-    from vlmexport.checkpoint.generate import DecodeOptions
+    from vlmexport.bundle.decoding import DecodeOptions
     from vlmexport.runtime.generate import generate
 
     started = time.perf_counter()

@@ -14,8 +14,9 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil, ViTImageProcessorPil
 
+from vlmexport.bundle.decoding import DecodeOptions
 from vlmexport.bundle.preprocess import PREPROCESSOR_NAME, open_image
-from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 from vlmexport.checkpoint.merge import teacher_forced_logits
 from vlmexport.samples import sample_images

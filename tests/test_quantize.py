@@ -333,7 +333,7 @@ def test_every_variant_runs_in_onnxruntime_web_and_agrees_with_onnxruntime(tmp_p
     export_bundle(SHAPES / "model", onnx_dir, layout="compact")
     for mode in MODES:
         quantize_bundle(onnx_dir, mode, verify=False)
-    from vlmexport.runtime.caption import bundle_preprocessor
+    from vlmexport.bundle.preprocess import bundle_preprocessor
     from vlmexport.samples import sample_images
 
     preprocessor = bundle_preprocessor(onnx_dir)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from serving import require, running_server
 
+from vlmexport.bundle.decoding import DecodeOptions
 from vlmexport.bundle.manifest import read_manifest
-from vlmexport.checkpoint.generate import DecodeOptions
 from vlmexport.cli import main
 from vlmexport.errors import BundleError, UsageError
 from vlmexport.exporter.export import export_bundle

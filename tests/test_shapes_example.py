@@ -12,8 +12,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from vlmexport.bundle.decoding import DecodeOptions
 from vlmexport.bundle.preprocess import PREPROCESSOR_NAME, open_image
-from vlmexport.checkpoint.generate import DecodeOptions, decode, generate_tokens
+from vlmexport.bundle.tokenizer import decode
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes"

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 from vlmexport.checkpoint.model import PrefixConditioningVLM
 from vlmexport.checkpoint.save import save_checkpoint

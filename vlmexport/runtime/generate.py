@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vlmexport.checkpoint.generate import DecodeOptions, strip_after_eos
+from vlmexport.bundle.decoding import DecodeOptions, strip_after_eos
 from vlmexport.errors import UsageError
 from vlmexport.runtime.runner import Runner
 
