@@ -14,14 +14,13 @@ EXIF orientation is applied on opening, as browsers do.
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmexport.errors import BundleError, CheckpointError, ImageError
 
@@ -55,17 +54,11 @@ def _to_8bit_gray(image: Image.Image) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB of any PIL mode. Transparency is composited onto white, as transformers' image
     processors do (a plain `convert("RGB")` would expose whatever colour hides behind it);
-    16-bit and float grayscale are scaled, not clipped; CMYK goes through its ICC profile if it has one."""
+    16-bit and float grayscale are scaled, not clipped (CMYK and the rest: Pillow's conversions)."""
     if image.mode == "RGB":
         return image
     if image.mode in WIDE_GRAY or image.mode == "F":
         image = _to_8bit_gray(image)
-    if image.mode == "CMYK" and image.info.get("icc_profile"):
-        try:
-            source = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
-            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
-        except (ImageCms.PyCMSError, OSError):
-            pass  # a broken profile: Pillow's own conversion below
     if "A" in image.getbands() or "a" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
