@@ -121,6 +121,10 @@ class Preprocessor:
             pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
         return pixels.transpose(2, 0, 1).astype(np.float32)
 
+    def write(self, folder: Path) -> None:
+        """Write these settings as `folder/preprocessor_config.json` (export and save do)."""
+        (Path(folder) / PREPROCESSOR_NAME).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
     def to_json(self) -> dict[str, Any]:
         """The transformers preprocessor_config.json form of these settings."""
         resize: dict[str, Any] = {"size": {"height": self.height, "width": self.width}, "do_center_crop": False}

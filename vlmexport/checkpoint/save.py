@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
-from vlmexport.bundle.preprocess import PREPROCESSOR_NAME, Preprocessor
+from vlmexport.bundle.preprocess import Preprocessor
 from vlmexport.checkpoint.config import VLMConfig
 from vlmexport.checkpoint.load import WEIGHTS_NAME, ignorable_keys
 from vlmexport.checkpoint.model import PrefixConditioningVLM
@@ -62,4 +62,4 @@ def save_checkpoint(
     save_file(model_state_for_saving(model, legacy_keys), str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out_dir))
     if preprocessor is not None:
-        (out_dir / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor.to_json(), indent=2) + "\n")
+        preprocessor.write(out_dir)

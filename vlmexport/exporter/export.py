@@ -13,7 +13,6 @@ import onnx
 import torch
 
 from vlmexport.bundle.manifest import LAYOUTS, Manifest, decoder_graphs
-from vlmexport.bundle.preprocess import PREPROCESSOR_NAME
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 from vlmexport.checkpoint.merge import MergeReport, verified_merge
 from vlmexport.checkpoint.model import PrefixConditioningVLM
@@ -117,7 +116,7 @@ def _model_facts(checkpoint: Checkpoint, model: PrefixConditioningVLM, shape: gr
 
 def _write_side_files(checkpoint: Checkpoint, model: PrefixConditioningVLM, out: Path) -> None:
     checkpoint.tokenizer.save_pretrained(str(out))
-    (out / PREPROCESSOR_NAME).write_text(json.dumps(checkpoint.preprocessor.to_json(), indent=2) + "\n")
+    checkpoint.preprocessor.write(out)
     (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
     eos, pad = checkpoint.tokenizer.eos_token_id, checkpoint.tokenizer.pad_token_id
     generation = {

@@ -12,14 +12,14 @@ neither hides nor exaggerates the rest.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vlmexport.bundle.preprocess import load_preprocessor
+from vlmexport.bundle.preprocess import bundle_preprocessor
+from vlmexport.bundle.tokenizer import load_tokenizer
 from vlmexport.resources import configs_dir
 from vlmexport.runtime.bundle import Bundle, open_bundle
 from vlmexport.runtime.generate import greedy
@@ -63,11 +63,8 @@ class Fidelity:
 
 
 def text_ids(onnx_dir: Path, max_tokens: int = 128) -> np.ndarray:
-    """The fidelity text in the bundle's own tokenizer, [1, T] (tokenizers only: no torch)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(Path(onnx_dir) / "tokenizer.json"))
-    ids = tokenizer.encode(TEXT.read_text().strip(), add_special_tokens=False).ids[:max_tokens]
+    """The fidelity text in the bundle's own tokenizer, [1, T]."""
+    ids = load_tokenizer(onnx_dir).encode(TEXT.read_text().strip())[:max_tokens]
     return np.array([ids], np.int64)
 
 
@@ -79,7 +76,7 @@ def fidelity_set(onnx_dir: Path, images: int = 16, tokens: int = 20, fp32: Bundl
     """
     onnx_dir = Path(onnx_dir)
     bundle = fp32 or open_bundle(onnx_dir, "fp32")
-    preprocessor = load_preprocessor(onnx_dir, json.loads((onnx_dir / "config.json").read_text())["vision_config"])
+    preprocessor = bundle_preprocessor(onnx_dir)
     pad = bundle.manifest.model["pad_token_id"]
     pixels = preprocessor(sample_images(images, preprocessor.height))
     prefixes = [bundle.prefix(pixels[i : i + 1]) for i in range(images)]
