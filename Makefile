@@ -26,13 +26,15 @@ install: $(STAMP)
 real-weights: $(STAMP)
 	$(PY) -m vlmexport.checkpoint.pretrained --install
 
-test: $(STAMP)
+test: $(STAMP) lint
 	bash web/install-deps.sh
 	PY=$(PY) bash tests/install-deps.sh
 	$(PY) -m pytest
 
+# ruff, and mypy on vlmexport/ (its settings in pyproject.toml); `make test` runs both first.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vlmexport tests bench examples
+	$(VENV)/bin/mypy
 
 # The whole pipeline on the bundled example: export → int8 → check both variants → captions → bench.
 demo: $(STAMP)

@@ -181,6 +181,7 @@ def caption(
     else:  # the PyTorch reference: imported only here, so the ONNX path never loads torch
         from vlmexport.checkpoint.caption import caption_images_torch
 
+        assert model_dir is not None  # checked above: the torch backend needs --model-dir
         captions = caption_images_torch(model_dir, images, options, allow_pickle)
     _print_captions(images, captions, as_json)
 

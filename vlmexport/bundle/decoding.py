@@ -89,7 +89,7 @@ def options_from_flags(
     given = [flag for flag, value in beam.items() if value is not None]
     if given and num_beams < 2:
         raise UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to beam search", "add --num-beams N with N ≥ 2, or drop them")
-    stopping = {"true": True, "false": False, "never": "never"}
+    stopping: dict[str, bool | str] = {"true": True, "false": False, "never": "never"}
     if early_stopping is not None and early_stopping.lower() not in stopping:
         raise UsageError(f"--early-stopping {early_stopping!r} is not one of true, false, never", "pass --early-stopping true|false|never")
     return DecodeOptions(

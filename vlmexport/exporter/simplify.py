@@ -63,8 +63,9 @@ def _fold_once(model: onnx.ModelProto) -> int:
     symbols = _base_symbols(graph)
     if not symbols:
         return 0
-    runs = [_shape_values(model, sizes) for sizes in _assignments(symbols)]
-    if any(run is None for run in runs):
+    found = [_shape_values(model, sizes) for sizes in _assignments(symbols)]
+    runs = [run for run in found if run is not None]
+    if len(runs) < len(found):
         return 0  # shape inference could not follow the graph: leave it as traced
     shapes = [run[0] for run in runs]
     values = [run[1] for run in runs]
@@ -200,8 +201,9 @@ def _reshape_target(data: str, target: str, shapes: list[dict[str, tuple[int, ..
     traced = [[int(x) for x in v[target]] for v in values]
     if any(len(t) != len(traced[0]) for t in traced):
         return None
-    wanted = [_resolve(t, shape) for t, shape in zip(traced, inputs)]
-    if None in wanted:
+    resolved = [_resolve(t, shape) for t, shape in zip(traced, inputs)]
+    wanted = [w for w in resolved if w is not None]
+    if len(wanted) < len(resolved):
         return None
     encoded = []
     for axis in range(len(traced[0])):

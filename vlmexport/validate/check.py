@@ -279,6 +279,7 @@ def _rows(component: str, output: str, values: dict[str, Any], bounds: TensorBou
     out = []
     for key, value in values.items():
         if key == "top1":  # an Agreement: the rate, and how many positions counted
+            assert bounds.top1 is not None  # profiles.py requires top1 wherever it is measured (logits)
             out.append(Measurement(component, output, key, value.rate, bounds.top1, True, batch, value.counted, value.positions, value.swing))
         else:
             out.append(Measurement(component, output, key, value, getattr(bounds, key), key in HIGHER_IS_BETTER, batch))
