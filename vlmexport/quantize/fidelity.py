@@ -27,10 +27,6 @@ from vlmexport.samples import sample_images
 from vlmexport.validate.metrics import clear_top1, kl_divergence, top2_margin
 
 TEXT = configs_dir() / "fidelity" / "text.txt"
-# A logit margin (nats) under which fp32's top-2 are a near-tie: a flip there is noise, not a
-# fault (the int8 profile's `top1_margin`; see configs/tolerances/int8.toml for the measurement).
-DEFAULT_MARGIN = 1.0
-
 FirstPass = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (prefix [1, P, D], ids [1, T]) → logits [1, n, V]
 
 
@@ -94,8 +90,9 @@ def decoder_logits(first_pass: FirstPass, prefixes: list[np.ndarray], ids: list[
     return [first_pass(prefix, row)[0] for prefix, row in zip(prefixes, ids)]
 
 
-def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float = DEFAULT_MARGIN) -> Fidelity:
-    """The variant's `logits` (one array per sequence of `fset`) against fp32's."""
+def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float) -> Fidelity:
+    """The variant's `logits` (one array per sequence of `fset`) against fp32's; `margin` (nats,
+    a profile's logits.top1_margin) is where fp32's top-2 stop being a near-tie."""
     per_sequence = [kl_divergence(ref, got) for ref, got in zip(fset.reference, logits)]
     reference, got = np.concatenate(fset.reference), np.concatenate(logits)
     agreement = clear_top1(reference, got, margin)
@@ -111,7 +108,7 @@ def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float = DEFAULT
     )
 
 
-def end_to_end(fset: FidelitySet, variant: Bundle, margin: float = DEFAULT_MARGIN) -> Fidelity:
+def end_to_end(fset: FidelitySet, variant: Bundle, margin: float) -> Fidelity:
     """A whole variant against fp32: its own vision encoder and projection make the image
     prefixes, its decoder is teacher-forced along fp32's tokens, and it captions freely.
 

@@ -330,12 +330,15 @@ def _auto_keep(
     profile's KL bound and its top-1 floor, ranked on the graph that runs the first pass (in the
     distilvit layout the same node names are kept in language_model too)."""
     from vlmexport.quantize import sensitivity
-    from vlmexport.quantize.fidelity import DEFAULT_MARGIN, fidelity_set
+    from vlmexport.quantize.fidelity import fidelity_set
     from vlmexport.runtime.bundle import open_bundle
     from vlmexport.validate.profiles import profile_named
 
     component = "decoder" if manifest.layout == "compact" else "prefix_init"
     profile = profile_named(mode)
+    margin = profile.logits.top1_margin
+    if margin is None:  # the near-tie margin is a bound: it comes from the profile, never a default here
+        raise UsageError(f"profile {profile.name} has no [logits] top1_margin, which --keep-fp32 auto needs", "add it to the profile")
     step("--keep-fp32 auto: fidelity set (fp32)")
     fset = fidelity_set(onnx_dir)
     fp32 = onnx.load(str(onnx_dir / manifest.variants["fp32"][component]))
@@ -346,8 +349,7 @@ def _auto_keep(
     low, _ = _quantize(low, mode, component, None, excluded[component], [], recipe)  # never fp16 (refused above)
     graph = sensitivity.switchable(fp32, low)
     template = open_bundle(onnx_dir, "fp32", components=())
-    margin = profile.logits.top1_margin
-    measurer = sensitivity.Measurer(graph, template, component, fset, DEFAULT_MARGIN if margin is None else margin)
+    measurer = sensitivity.Measurer(graph, template, component, fset, margin)
     ranking = sensitivity.rank(measurer, on_node=lambda j, n: step(f"--keep-fp32 auto: node {j + 1}/{n} alone"))
     step("--keep-fp32 auto: fewest nodes kept")
     target = profile.end_to_end.teacher_forced_kl * AUTO_KL_SHARE
