@@ -55,6 +55,18 @@ def test_bundle_tokenizer_decodes_like_transformers(which: str, request: pytest.
         assert ours.decode(row) == reference.decode(row, skip_special_tokens=False)
 
 
+def test_bundle_tokenizer_cleans_up_spaces_when_its_config_asks_like_transformers(tmp_path: Path) -> None:
+    from vlmexport.checkpoint.tokenizer import word_tokenizer
+
+    word_tokenizer(["a", "cat", ".", ",", "'s", "n't", "?"]).save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+    ours, reference = load_tokenizer(tmp_path), PreTrainedTokenizerFast.from_pretrained(str(tmp_path), local_files_only=True)
+    rows = _random_ids(len(reference), [0, 1], seed=3)
+    assert ours.clean_up_spaces and decode(ours, rows) == decode(reference, rows)
+    assert any("cat." in text or "a," in text for text in decode(ours, rows))  # the clean-up did something
+
+
 def test_bundle_tokenizer_names_a_missing_or_broken_file(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)

@@ -99,13 +99,14 @@ def load_tokenizer(folder: Path | str) -> BundleTokenizer:
     specials = {i for i, token in core.get_added_tokens_decoder().items() if token.special} | _ids(core, _named_specials(config))
     eos = _ids(core, [_token_text(config.get("eos_token"))])
     pad = _ids(core, [_token_text(config.get("pad_token"))])
-    is_bpe = json.loads(core.to_str()).get("model", {}).get("type") == "BPE"
+    # Only when asked for: serialising a 49k-token vocabulary to read its model type costs start-up time.
+    clean_up = bool(config.get("clean_up_tokenization_spaces", False)) and json.loads(core.to_str()).get("model", {}).get("type") != "BPE"
     return BundleTokenizer(
         core=core,
         special_ids=frozenset(specials),
         eos_token_id=next(iter(eos), None),
         pad_token_id=next(iter(pad), None),
-        clean_up_spaces=bool(config.get("clean_up_tokenization_spaces", False)) and not is_bpe,
+        clean_up_spaces=clean_up,
     )
 
 
