@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: this machine carries a CPU build of 2.13.0; an unpinned torch pulls CUDA.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[export,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,13 +26,15 @@ install: $(STAMP)
 real-weights: $(STAMP)
 	$(PY) -m vlmexport.checkpoint.pretrained --install
 
-test: $(STAMP)
+test: $(STAMP) lint
 	bash web/install-deps.sh
 	PY=$(PY) bash tests/install-deps.sh
 	$(PY) -m pytest
 
+# ruff, and mypy on vlmexport/ (its settings in pyproject.toml); `make test` runs both first.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vlmexport tests bench examples
+	$(VENV)/bin/mypy
 
 # The whole pipeline on the bundled example: export → int8 → check both variants → captions → bench.
 demo: $(STAMP)

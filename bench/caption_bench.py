@@ -30,9 +30,9 @@ BOUND_TARGET = {"onnx int8": 1.5}
 
 def prepare(work: Path, preset: str, variants: list[str]) -> tuple[Path, Path]:
     """Checkpoint and bundle in `work`, built only if missing."""
+    from vlmexport.bundle.manifest import read_manifest
     from vlmexport.checkpoint.synth import synth_checkpoint
     from vlmexport.exporter.export import export_bundle
-    from vlmexport.exporter.manifest import read_manifest
 
     checkpoint, bundle = work / "checkpoint", work / "onnx"
     if not checkpoint.exists():

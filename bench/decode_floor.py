@@ -35,7 +35,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from vlmexport.exporter.manifest import decoder_graphs, read_manifest
+from vlmexport.bundle.manifest import decoder_graphs, read_manifest
 from vlmexport.runtime.bench import memory_bandwidth
 
 

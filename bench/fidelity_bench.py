@@ -35,7 +35,7 @@ TARGETS = {
 
 
 def caption_ms(bundle, pixels, tokens: int) -> float:
-    from vlmexport.checkpoint.generate import DecodeOptions
+    from vlmexport.bundle.decoding import DecodeOptions
     from vlmexport.runtime.generate import generate
 
     started = time.perf_counter()
@@ -52,9 +52,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
 
+    from vlmexport.bundle.manifest import read_manifest
     from vlmexport.checkpoint.pretrained import cached_real_checkpoint
     from vlmexport.exporter.export import export_bundle
-    from vlmexport.exporter.manifest import read_manifest
     from vlmexport.quantize.fidelity import end_to_end, fidelity_set
     from vlmexport.quantize.quantize import quantize_bundle
     from vlmexport.runtime.bundle import open_bundle

@@ -103,8 +103,8 @@ def full_size(work: Path, modes: list[str], tokens: int, repeats: int) -> dict[s
 
 def web(onnx_dir: Path, variants: list[str]) -> None:
     """Each variant's vision encoder and decoder first pass in onnxruntime-web (WebAssembly, Node)."""
+    from vlmexport.bundle.preprocess import bundle_preprocessor
     from vlmexport.quantize.webcheck import web_agreement, web_runtime_available
-    from vlmexport.runtime.caption import bundle_preprocessor
     from vlmexport.samples import sample_images
 
     if not web_runtime_available():

@@ -8,8 +8,8 @@ import json
 import pytest
 from test_export import export_tiny  # noqa: F401
 
+from vlmexport.bundle.manifest import read_manifest
 from vlmexport.cli import main
-from vlmexport.exporter.manifest import read_manifest
 from vlmexport.runtime.bench import TORCH, memory_bandwidth, run_bench
 
 CHECKPOINT = "llama-siglip_vision_model-linear"

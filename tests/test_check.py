@@ -19,9 +19,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from vlmexport.bundle.manifest import MANIFEST_NAME, read_manifest, variant_path, verify_files
 from vlmexport.cli import main
 from vlmexport.exporter.export import export_bundle
-from vlmexport.exporter.manifest import MANIFEST_NAME, read_manifest, variant_path, verify_files
 from vlmexport.runtime.bundle import Bundle
 from vlmexport.samples import sample_images
 from vlmexport.validate.check import check_bundle

@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil, ViTImageProcessorPil
 
-from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.preprocess import PREPROCESSOR_NAME, open_image
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 from vlmexport.checkpoint.merge import teacher_forced_logits
-from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME, open_image
 from vlmexport.samples import sample_images
 
 DECODERS = ["llama", "gpt2", "opt"]

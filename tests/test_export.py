@@ -13,12 +13,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.manifest import MANIFEST_NAME, read_manifest
+from vlmexport.bundle.names import past_names
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import load_checkpoint
 from vlmexport.cli import main
 from vlmexport.exporter.export import DEFAULT_OPSET, export_bundle
-from vlmexport.exporter.manifest import MANIFEST_NAME, read_manifest
-from vlmexport.exporter.names import past_names
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.generate import greedy
 from vlmexport.samples import sample_images

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from vlmexport.bundle.decoding import DecodeOptions
 from vlmexport.checkpoint import merge as merge_module
 from vlmexport.checkpoint.caption import caption_images_torch
-from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 from vlmexport.checkpoint.merge import forced_positions, merge_measurements, teacher_forced_logits, verified_merge
 from vlmexport.cli import main

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from vlmexport.bundle.manifest import VARIANTS
 from vlmexport.cli import main
 from vlmexport.errors import UsageError
-from vlmexport.exporter.manifest import VARIANTS
 from vlmexport.validate.profiles import PROFILE_DIR, load_profile, merge_bounds, profile_named, profile_names
 
 SHIPPED = sorted(PROFILE_DIR.glob("*.toml"))

@@ -16,13 +16,13 @@ import pytest
 from onnx import numpy_helper
 from serving import require
 
+from vlmexport.bundle.manifest import MANIFEST_NAME, read_manifest, sha256_file, variant_path
 from vlmexport.checkpoint.config import parse_config
 from vlmexport.checkpoint.save import save_checkpoint
 from vlmexport.checkpoint.synth import random_model
 from vlmexport.checkpoint.tokenizer import word_tokenizer
 from vlmexport.cli import main
 from vlmexport.exporter.export import export_bundle
-from vlmexport.exporter.manifest import MANIFEST_NAME, read_manifest, sha256_file, variant_path
 from vlmexport.exporter.onnx_io import signature
 from vlmexport.quantize.quantize import MODES, quantize_bundle
 from vlmexport.quantize.webcheck import web_agreement, web_runtime_available
@@ -333,7 +333,7 @@ def test_every_variant_runs_in_onnxruntime_web_and_agrees_with_onnxruntime(tmp_p
     export_bundle(SHAPES / "model", onnx_dir, layout="compact")
     for mode in MODES:
         quantize_bundle(onnx_dir, mode, verify=False)
-    from vlmexport.runtime.caption import bundle_preprocessor
+    from vlmexport.bundle.preprocess import bundle_preprocessor
     from vlmexport.samples import sample_images
 
     preprocessor = bundle_preprocessor(onnx_dir)
@@ -356,7 +356,7 @@ def test_shapes_example_int8_captions_match_fp32_and_pass_the_int8_profile(tmp_p
     assert report.passed, report.check.summary()
     fp32, int8 = open_bundle(onnx_dir, "fp32"), open_bundle(onnx_dir, "int8")
     images = sorted((SHAPES / "images").glob("*.png"))
-    from vlmexport.checkpoint.preprocess import load_preprocessor, open_image
+    from vlmexport.bundle.preprocess import load_preprocessor, open_image
 
     preprocessor = load_preprocessor(onnx_dir, json.loads((onnx_dir / "config.json").read_text())["vision_config"])
     pixels = preprocessor([open_image(p) for p in images])

@@ -21,8 +21,8 @@ import pytest
 from onnx import numpy_helper
 from test_check import rehash, scale_one_weight
 
+from vlmexport.bundle.manifest import MANIFEST_NAME
 from vlmexport.exporter.export import ExportResult, export_bundle
-from vlmexport.exporter.manifest import MANIFEST_NAME
 from vlmexport.runtime.bundle import Bundle
 from vlmexport.validate.check import check_bundle
 

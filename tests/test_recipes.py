@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
+from vlmexport.bundle.manifest import read_manifest
 from vlmexport.exporter.export import export_bundle
-from vlmexport.exporter.manifest import read_manifest
 from vlmexport.quantize import fp16, sensitivity, smooth
 from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise
 from vlmexport.quantize.feeds import recorded_feeds

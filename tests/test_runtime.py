@@ -14,9 +14,10 @@ import torch
 from test_export import export_tiny  # noqa: F401
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens, options_from_flags
+from vlmexport.bundle.decoding import DecodeOptions, options_from_flags
+from vlmexport.bundle.preprocess import open_image
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import load_checkpoint
-from vlmexport.checkpoint.preprocess import open_image
 from vlmexport.cli import main
 from vlmexport.errors import UsageError
 from vlmexport.runtime.bundle import open_bundle

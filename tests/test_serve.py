@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from serving import require, running_server
 
-from vlmexport.checkpoint.generate import DecodeOptions
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.manifest import read_manifest
 from vlmexport.cli import main
 from vlmexport.errors import BundleError, UsageError
 from vlmexport.exporter.export import export_bundle
-from vlmexport.exporter.manifest import read_manifest
 from vlmexport.runtime.caption import caption_images
 from vlmexport.samples import sample_images
 from vlmexport.serve.server import VENDOR, VlmServer, make_server

@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from vlmexport.checkpoint.generate import DecodeOptions, decode, generate_tokens
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.preprocess import PREPROCESSOR_NAME, open_image
+from vlmexport.bundle.tokenizer import decode
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
-from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME, open_image
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes"
 MODEL_DIR = EXAMPLE / "model"

@@ -24,13 +24,13 @@ import pytest
 from PIL import Image
 from serving import require, running_server
 
-from vlmexport.checkpoint.generate import DecodeOptions, decode
-from vlmexport.checkpoint.load import load_tokenizer
-from vlmexport.checkpoint.preprocess import open_image
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.preprocess import bundle_preprocessor, open_image
+from vlmexport.bundle.tokenizer import decode, load_tokenizer
 from vlmexport.exporter.export import export_bundle
 from vlmexport.quantize.quantize import quantize_bundle
 from vlmexport.runtime.bundle import open_bundle
-from vlmexport.runtime.caption import bundle_preprocessor, caption_images, caption_tokens
+from vlmexport.runtime.caption import caption_images, caption_tokens
 from vlmexport.samples import sample_images
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ Errors are turned into one line and an exit code in exactly one place, `main`.
 from __future__ import annotations
 
 import json
-import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -30,6 +30,9 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 STATE = {"debug": False}
+# Import names of the `export` extra (pyproject.toml): export, merge, check, synth, bench and
+# quantize load them; caption --onnx-dir, serve and inspect never do (tests/test_torch_free.py).
+EXPORT_EXTRA = frozenset({"torch", "transformers", "peft", "safetensors", "onnx", "onnxscript", "psutil", "gguf"})
 
 ModelDir = Annotated[Path, typer.Option("--model-dir", help="distilvit checkpoint folder")]
 OutputDir = Annotated[Path, typer.Option("--output-dir", help="folder to create")]
@@ -155,10 +158,8 @@ def caption(
 
     Example: vlmexport caption --onnx-dir onnx --variant int8 --num-beams 3 photo.jpg
     """
-    from vlmexport.checkpoint.caption import caption_images_torch
-    from vlmexport.checkpoint.generate import options_from_flags
+    from vlmexport.bundle.decoding import options_from_flags
     from vlmexport.errors import UsageError
-    from vlmexport.runtime.caption import caption_images
 
     if onnx_dir is not None and model_dir is not None:
         raise UsageError("--onnx-dir and --model-dir select two different backends", "pass only one of them")
@@ -174,8 +175,13 @@ def caption(
         top_p=top_p, seed=seed, length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
     )
     if onnx_dir is not None:
+        from vlmexport.runtime.caption import caption_images
+
         captions = caption_images(onnx_dir, images, variant or "fp32", options)
-    else:
+    else:  # the PyTorch reference: imported only here, so the ONNX path never loads torch
+        from vlmexport.checkpoint.caption import caption_images_torch
+
+        assert model_dir is not None  # checked above: the torch backend needs --model-dir
         captions = caption_images_torch(model_dir, images, options, allow_pickle)
     _print_captions(images, captions, as_json)
 
@@ -383,12 +389,11 @@ def synth(
 
 def _quiet_libraries() -> None:
     # transformers/peft warn about deprecations and optional torchvision on import; users
-    # of this CLI cannot act on them, so they are hidden unless --debug.
+    # of this CLI cannot act on them, so they are hidden unless --debug. Through the
+    # environment, not `transformers.logging`: importing transformers here would load torch
+    # into commands that never use it (caption --onnx-dir, serve, inspect).
     warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _examples() -> str:
@@ -421,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
             err.print_exception()
         err.print(f"error: {exc}", markup=False, highlight=False)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in EXPORT_EXTRA:
+            raise
+        if debug:
+            err.print_exception()
+        err.print(f"error: this command needs {exc.name}, which `pip install vlmexport` leaves out — pip install 'vlmexport[export]'", markup=False, highlight=False)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         err.print("aborted")
         return 130

@@ -38,11 +38,13 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.preprocess import Preprocessor, derive_preprocessor, open_image
+from vlmexport.bundle.tokenizer import decode
 from vlmexport.checkpoint.config import MODEL_TYPE, VLMConfig, parse_config
-from vlmexport.checkpoint.generate import DecodeOptions, decode, generate_tokens
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import load_checkpoint
 from vlmexport.checkpoint.model import PrefixConditioningVLM, build_model
-from vlmexport.checkpoint.preprocess import Preprocessor, derive_preprocessor, open_image
 from vlmexport.checkpoint.save import save_checkpoint
 from vlmexport.checkpoint.tokenizer import word_tokenizer
 from vlmexport.errors import VlmExportError

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmexport.checkpoint.generate import DecodeOptions, decode, generate_tokens
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.preprocess import open_image
+from vlmexport.bundle.tokenizer import decode
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import load_checkpoint
-from vlmexport.checkpoint.preprocess import open_image
 
 
 def caption_images_torch(

@@ -13,9 +13,9 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.initialization import no_init_weights
 
+from vlmexport.bundle.preprocess import Preprocessor, load_preprocessor
 from vlmexport.checkpoint.config import VLMConfig, read_config
 from vlmexport.checkpoint.model import PrefixConditioningVLM, build_model
-from vlmexport.checkpoint.preprocess import Preprocessor, load_preprocessor
 from vlmexport.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 from vlmexport.checkpoint.model import PrefixConditioningVLM
 from vlmexport.checkpoint.save import save_checkpoint
@@ -163,6 +164,7 @@ def merge_checkpoint(model_dir: Path, output_dir: Path, force: bool = False, all
     if not checkpoint.model.has_lora:
         raise CheckpointError("the checkpoint has no LoRA adapters to merge", "it is already merged; export it directly")
     report = verified_merge(checkpoint)
+    assert report is not None  # has_lora was checked above
     merged = checkpoint.model
     with atomic_output_dir(output_dir, force) as tmp:
         save_checkpoint(merged, merged.config, checkpoint.tokenizer, checkpoint.preprocessor, tmp)

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
+from vlmexport.bundle.preprocess import Preprocessor
 from vlmexport.checkpoint.config import VLMConfig
 from vlmexport.checkpoint.load import WEIGHTS_NAME, ignorable_keys
 from vlmexport.checkpoint.model import PrefixConditioningVLM
-from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME, Preprocessor
 
 # transformers 4.x ViT names, from the 5.x names (the reverse of transformers' ViT conversion table).
 _VIT_4X_NAMES = (
@@ -62,4 +62,4 @@ def save_checkpoint(
     save_file(model_state_for_saving(model, legacy_keys), str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out_dir))
     if preprocessor is not None:
-        (out_dir / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor.to_json(), indent=2) + "\n")
+        preprocessor.write(out_dir)

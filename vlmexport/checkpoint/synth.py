@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from peft.tuners.lora import LoraLayer
 
+from vlmexport.bundle.preprocess import derive_preprocessor
 from vlmexport.checkpoint.config import MODEL_TYPE, VLMConfig, parse_config
 from vlmexport.checkpoint.model import (
     ATTN_IMPLEMENTATION,
@@ -20,7 +21,6 @@ from vlmexport.checkpoint.model import (
     build_vision_encoder,
     with_adapters,
 )
-from vlmexport.checkpoint.preprocess import derive_preprocessor
 from vlmexport.checkpoint.pretrained import check_text_config, load_gguf_decoder, pretrained_source
 from vlmexport.checkpoint.save import save_checkpoint
 from vlmexport.checkpoint.tokenizer import word_tokenizer

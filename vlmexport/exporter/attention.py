@@ -177,18 +177,19 @@ def export_attention(lm: nn.Module, fused: bool = False) -> Iterator[None]:
     The previous implementation is restored after."""
     config = lm.config if isinstance(lm, PreTrainedModel) else None
     name = None if config is None else ONNX_NAME if fused else NAME if has_grouped_kv(config) else None
-    if name is None:
+    if config is None or name is None:
         yield
         return
     previous = config._attn_implementation
     config._attn_implementation = name
     modeling = {sys.modules[type(m).__module__] for m in lm.modules()} if fused else set()
-    originals = {module: module.apply_rotary_pos_emb for module in modeling if module.__name__.rpartition(".")[2] in ROTARY_MODULES}
+    # getattr/setattr: the modeling modules are found at run time, their functions are not typed attributes.
+    originals = {module: getattr(module, "apply_rotary_pos_emb") for module in modeling if module.__name__.rpartition(".")[2] in ROTARY_MODULES}  # noqa: B009
     try:
         for module in originals:
-            module.apply_rotary_pos_emb = onnx_rotary
+            setattr(module, "apply_rotary_pos_emb", onnx_rotary)  # noqa: B010
         yield
     finally:
         config._attn_implementation = previous
         for module, original in originals.items():
-            module.apply_rotary_pos_emb = original
+            setattr(module, "apply_rotary_pos_emb", original)  # noqa: B010

@@ -9,26 +9,23 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-import onnx
 import torch
 
+from vlmexport.bundle.manifest import LAYOUTS, Manifest
 from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 from vlmexport.checkpoint.merge import MergeReport, verified_merge
 from vlmexport.checkpoint.model import PrefixConditioningVLM
-from vlmexport.checkpoint.preprocess import PREPROCESSOR_NAME
-from vlmexport.errors import BundleError, ParityError, UsageError
+from vlmexport.errors import UsageError
 from vlmexport.exporter import graphs
 from vlmexport.exporter.attention import FUSED_OPSET, export_attention
-from vlmexport.exporter.manifest import LAYOUTS, Manifest, decoder_graphs
 from vlmexport.exporter.memory import release_freed_memory, store_linear_weights_transposed
 from vlmexport.exporter.onnx_io import trace_graph, write_graph
 from vlmexport.fsutil import atomic_output_dir, check_output_dir
-from vlmexport.runtime.bundle import open_bundle
 from vlmexport.samples import sample_images
 from vlmexport.validate.metrics import Measurement
 from vlmexport.validate.profiles import merge_bounds, profile_named
 from vlmexport.validate.reference import TorchRunner
-from vlmexport.validate.smoke import decoder_parity, prefix_parity, record_reference
+from vlmexport.validate.smoke import record_reference, verify_bundle
 
 OPSETS = range(18, 24)
 # 23: one ONNX Attention node per layer and RotaryEmbedding (attention.py); int8 decode step
@@ -117,7 +114,7 @@ def _model_facts(checkpoint: Checkpoint, model: PrefixConditioningVLM, shape: gr
 
 def _write_side_files(checkpoint: Checkpoint, model: PrefixConditioningVLM, out: Path) -> None:
     checkpoint.tokenizer.save_pretrained(str(out))
-    (out / PREPROCESSOR_NAME).write_text(json.dumps(checkpoint.preprocessor.to_json(), indent=2) + "\n")
+    checkpoint.preprocessor.write(out)
     (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
     eos, pad = checkpoint.tokenizer.eos_token_id, checkpoint.tokenizer.pad_token_id
     generation = {
@@ -170,14 +167,6 @@ def _export_graphs(
             owners[name].to("meta")  # the weights go; module tree and shapes stay
             release_freed_memory()
     return prefix_length, signatures
-
-
-def _check_graphs(out: Path, files: dict[str, str]) -> None:
-    for relative in files.values():
-        try:
-            onnx.checker.check_model(str(out / relative), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise BundleError(f"{relative} fails onnx.checker ({str(exc).splitlines()[0]})", "report this as a vlmexport bug") from exc
 
 
 def export_bundle(
@@ -236,23 +225,7 @@ def export_bundle(
         smoke: list[Measurement] = []
         if recorded is not None:
             step("verifying (onnx.checker, onnxruntime, smoke parity)")
-            _check_graphs(tmp, files)
-            release_freed_memory()  # the checker's copies of the graphs
-            # One graph's sessions at a time (vision and projection together): every graph of
-            # the distilvit layout open at once was the export's peak (1.8 GB of sessions).
-            smoke = prefix_parity(recorded, open_bundle(tmp, components=("vision_encoder", "projection")), fp32)
-            first_graph, step_graph = decoder_graphs(layout)
-            decoder = open_bundle(tmp, components=(first_graph,))
-            first = decoder.first_pass(recorded.prefix)
-            if step_graph != first_graph:
-                del decoder
-                release_freed_memory()
-                decoder = open_bundle(tmp, components=(step_graph,))
-            smoke += decoder_parity(recorded, layout, first, decoder, fp32)
-            failed = [m for m in smoke if not m.passed]
-            if failed:
-                worst = failed[0]
-                raise ParityError(f"{worst.component} {worst.output}", worst.metric, worst.value, worst.tolerance, "report this as a vlmexport bug")
+            smoke = verify_bundle(tmp, recorded, fp32)
         graph_bytes = {rel: (tmp / rel).stat().st_size for rel in files.values()}
         bundle_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     return ExportResult(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from vlmexport.exporter.names import BATCH, LOGITS, PAST, PREFIX, SEQ, TOTAL, past_names, present_names
+from vlmexport.bundle.names import BATCH, LOGITS, PAST, PREFIX, SEQ, TOTAL, past_names, present_names
 
 
 @dataclass(frozen=True)

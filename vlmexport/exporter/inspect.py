@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmexport.exporter.manifest import Manifest, read_manifest, verify_files
+from vlmexport.bundle.manifest import Manifest, read_manifest, verify_files
 
 
 @dataclass(frozen=True)

@@ -289,7 +289,7 @@ def pin_static_axes(model: onnx.ModelProto, dynamic_axes: dict[str, dict[int, st
                 dim.dim_value = int(shapes[value.name][axis])
 
 
-DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64", TensorProto.FLOAT16: "float16", TensorProto.INT32: "int32"}
+DTYPES: dict[int, str] = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64", TensorProto.FLOAT16: "float16", TensorProto.INT32: "int32"}
 
 
 def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:

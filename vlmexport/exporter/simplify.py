@@ -15,6 +15,16 @@ assignment onnx's shape inference gives every activation's shape, from which onn
 reference evaluator computes every value of the shape arithmetic. A value equal under every
 assignment is a constant; a Reshape target that differs is replaced when a 0/-1 form
 reproduces it under every assignment. Whatever cannot be shown so is left as traced.
+
+Why sampling is a proof here, and where it is not: on sums and products of sizes and constants
+(Add, Sub, Mul, Neg and the ops that only move values: Gather, Concat, Slice, ...), a value that
+does not change when each axis in turn goes from its sample size to zero, nor when every axis
+changes at once, does not depend on the axes. Comparisons, Min/Max, integer division and the
+rest of STEP_OPS are step functions: `sequence < 4096` or `min(sequence, sliding_window)` or
+`sequence // 64` is the same at every small sample and different near max_position_embeddings.
+So nothing computed from a step op whose input depends on a dynamic axis is folded (refused,
+not guessed); tests/test_simplify.py checks folded graphs against traced ones at sizes past
+such thresholds, near max_position_embeddings and across Mistral's sliding window.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 
-from vlmexport.exporter.names import BATCH
+from vlmexport.bundle.names import BATCH
 
 # Ops of shape arithmetic: cheap, exact on small integer tensors, no weights.
 SHAPE_OPS = {
@@ -34,6 +44,19 @@ SHAPE_OPS = {
     "Neg", "Abs", "Min", "Max", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or",
     "Where", "Range", "Reshape", "ConstantOfShape", "Constant", "Identity", "Expand", "Floor", "Ceil", "Sqrt",
 }  # fmt: skip
+# Step functions of their inputs: a value computed from one of these with a size-dependent input
+# may be equal at every sample and still change at another size, so it is never folded.
+# (Where, Not, And, Or only pass on what a comparison decided; Range, ConstantOfShape and Expand
+# only lay out what their inputs say: none of them is a step of its own.)
+STEP_OPS = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Min", "Max", "Div", "Mod", "Floor", "Ceil", "Sqrt", "Abs"}
+# Ops whose output elements are input elements (of the first input; the rest select which).
+MOVES_VALUES = {"Gather", "Unsqueeze", "Squeeze", "Slice", "Reshape", "Identity", "Cast", "Expand"}
+# Inputs (by position) whose values decide an output's shape.
+SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Tile": (1,), "Pad": (1,), "ConstantOfShape": (0,),
+    "Range": (0, 1, 2), "Resize": (1, 2, 3), "Unsqueeze": (1,), "Squeeze": (1,), "Split": (1,), "TopK": (1,), "OneHot": (1,),
+}  # fmt: skip
+DECIDED_BY_SIGN = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Min"}
 MAX_ELEMENTS = 64  # shape vectors and scalars; never an activation
 CONSTANT_PREFIX = "vlmexport_shape_"
 BASE_SIZES = (3, 5, 7, 11)  # distinct primes: a coincidence between axes cannot pass for a rule
@@ -63,12 +86,14 @@ def _fold_once(model: onnx.ModelProto) -> int:
     symbols = _base_symbols(graph)
     if not symbols:
         return 0
-    runs = [_shape_values(model, sizes) for sizes in _assignments(symbols)]
-    if any(run is None for run in runs):
+    found = [_shape_values(model, sizes) for sizes in _assignments(symbols)]
+    runs = [run for run in found if run is not None]
+    if len(runs) < len(found):
         return 0  # shape inference could not follow the graph: leave it as traced
     shapes = [run[0] for run in runs]
     values = [run[1] for run in runs]
     produced_by_web = set(values[0])
+    refused = _step_dependent(graph, values)
     taken = {i.name for i in graph.initializer}
     names = (name for i in count() if (name := f"{CONSTANT_PREFIX}{i}") not in taken)
     constants: dict[str, str | None] = {}  # arithmetic tensor → initializer holding its value
@@ -78,6 +103,8 @@ def _fold_once(model: onnx.ModelProto) -> int:
             continue  # inside the arithmetic: goes if nothing else reads it
         for index, name in enumerate(node.input):
             if name not in produced_by_web:
+                continue
+            if name in refused:
                 continue
             if name not in constants:
                 value = _constant(name, values)
@@ -90,6 +117,72 @@ def _fold_once(model: onnx.ModelProto) -> int:
                 node.input[index] = replacement
     _remove_unused(graph)
     return before - len(graph.node)
+
+
+def _step_dependent(graph: onnx.GraphProto, values: list[dict[str, np.ndarray]]) -> set[str]:
+    """Tensors of the shape arithmetic computed, at any depth, from a step op (STEP_OPS) one of
+    whose inputs varies with the dynamic axes, unless `_decided_by_sign` proves the step —
+    the values sampling cannot prove constant."""
+    small = {i.name: numpy_helper.to_array(i) for i in graph.initializer if int(np.prod(i.dims)) <= MAX_ELEMENTS}
+    values = [{**small, **run} for run in values]  # constants read from initializers are fixed too
+    refused: set[str] = set()
+    reshaped: set[str] = set()  # activations whose shape a refused value decided
+    sizes: set[str] = set()  # every element that varies between assignments is a size (≥ 0)
+    for node in graph.node:  # topological order (ONNX requires it)
+        inputs = [name for name in node.input if name]
+        op = node.op_type
+        moves = op in MOVES_VALUES and inputs and inputs[0] in sizes and all(_fixed(n, values) for n in inputs[1:])
+        joins = op == "Concat" and all(n in sizes or _fixed(n, values) for n in inputs)
+        # Sums and products of sizes and non-negative constants are sizes (≥ 0 at every size).
+        grows = op in ("Add", "Mul") and all((n in sizes or _fixed(n, values)) and n in values[0] and bool((values[0][n] >= 0).all()) for n in inputs)
+        if op == "Shape" or moves or joins or grows:
+            sizes.update(node.output)
+        if op == "Shape":  # its value is its input's shape, whatever its input's values
+            if inputs[0] in reshaped:
+                refused.update(node.output)
+        elif any(name in refused for name in inputs) or (op in STEP_OPS and any(not _fixed(n, values) for n in inputs) and not _decided_by_sign(node, sizes, values)):
+            refused.update(node.output)
+        positions = SHAPE_INPUTS.get(op, ())
+        if any(name in reshaped for name in inputs) or any(i < len(node.input) and node.input[i] in refused for i in positions):
+            reshaped.update(node.output)
+    return refused
+
+
+def _fixed(name: str, values: list[dict[str, np.ndarray]]) -> bool:
+    """A tensor of the shape arithmetic with the same value under every assignment."""
+    return name in values[0] and _constant(name, values) is not None
+
+
+def _decided_by_sign(node: onnx.NodeProto, sizes: set[str], values: list[dict[str, np.ndarray]]) -> bool:
+    """A comparison or Min/Max of sizes against a constant that the sign of a size decides at
+    every size, not just the sampled ones: a size is ≥ 0, so `size == -1` is false, `size < 0`
+    false, `size >= 0` true, `min(size, c)` = c for c ≤ 0 (transformers' `expand` traces
+    `Where(Equal(shape, -1), 1, shape)`). Anything a size's upper bound would decide
+    (`size < 4096`, `min(size, sliding_window)`) is not decided here, and so never folded."""
+    if node.op_type not in DECIDED_BY_SIGN or len(node.input) != 2:
+        return False
+    first, second = node.input
+    if first in sizes and _fixed(second, values):
+        size, constant, swapped = first, values[0][second], False
+    elif second in sizes and _fixed(first, values):
+        size, constant, swapped = second, values[0][first], True
+    else:
+        return False
+    runs = np.stack([np.broadcast_to(run[size], np.broadcast_shapes(run[size].shape, constant.shape)) for run in values])
+    varying = (runs != runs[0]).any(0)  # positions where the size is not fixed
+    at = np.broadcast_to(constant, varying.shape)[varying]
+    op = node.op_type
+    if swapped:  # c < s ⇔ s > c, and so on; Equal, Min and Max are symmetric
+        op = {"Less": "Greater", "Greater": "Less", "LessOrEqual": "GreaterOrEqual", "GreaterOrEqual": "LessOrEqual"}.get(op, op)
+    decided = {
+        "Equal": at < 0,  # never equal
+        "Less": at <= 0,  # never less
+        "LessOrEqual": at < 0,  # never less or equal
+        "Greater": at < 0,  # always greater
+        "GreaterOrEqual": at <= 0,  # always greater or equal
+        "Min": at <= 0,  # always the constant
+    }[op]
+    return bool(decided.all())
 
 
 def _add_initializer(graph: onnx.GraphProto, value: np.ndarray, name: str) -> str:
@@ -200,8 +293,9 @@ def _reshape_target(data: str, target: str, shapes: list[dict[str, tuple[int, ..
     traced = [[int(x) for x in v[target]] for v in values]
     if any(len(t) != len(traced[0]) for t in traced):
         return None
-    wanted = [_resolve(t, shape) for t, shape in zip(traced, inputs)]
-    if None in wanted:
+    resolved = [_resolve(t, shape) for t, shape in zip(traced, inputs)]
+    wanted = [w for w in resolved if w is not None]
+    if len(wanted) < len(resolved):
         return None
     encoded = []
     for axis in range(len(traced[0])):

@@ -139,12 +139,12 @@ def _gather_from_head(model: onnx.ModelProto, table: shared.SharedTable) -> bool
         graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), shape_name))
         graph.node.insert(0, helper.make_node("Reshape", [source, shape_name], [name], name=f"{name}_reshape"))
         views[key] = name
-    inputs = [views["data"], None, views["scales"]] + ([views["zero_points"]] if "zero_points" in views else [])
+    rest = [views["scales"]] + ([views["zero_points"]] if "zero_points" in views else [])  # after the data and the indices
     for node in list(graph.node):
         if node.name in table.gather_nodes:
             axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
             replacement = helper.make_node(
-                "GatherBlockQuantized", [inputs[0], node.input[1], *inputs[2:]], list(node.output),
+                "GatherBlockQuantized", [views["data"], node.input[1], *rest], list(node.output),
                 name=f"{node.name}_Q{bits}", domain="com.microsoft", bits=bits, block_size=block, gather_axis=axis, quantize_axis=1,
             )  # fmt: skip
             graph.node.insert(list(graph.node).index(node), replacement)

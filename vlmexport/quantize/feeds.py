@@ -7,13 +7,12 @@ its sessions record what they are fed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vlmexport.checkpoint.preprocess import load_preprocessor
+from vlmexport.bundle.preprocess import bundle_preprocessor
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.generate import greedy
 from vlmexport.samples import sample_images
@@ -42,8 +41,7 @@ def recorded_feeds(onnx_dir: Path, images: int = IMAGES, steps: int = STEPS) -> 
     bundle = open_bundle(onnx_dir, "fp32")
     feeds: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in bundle.sessions}
     bundle.sessions = {name: _Recording(s, feeds[name]) for name, s in bundle.sessions.items()}
-    vision_config = json.loads((onnx_dir / "config.json").read_text())["vision_config"]
-    preprocessor = load_preprocessor(onnx_dir, vision_config)
+    preprocessor = bundle_preprocessor(onnx_dir)
     pixels = preprocessor(sample_images(images, preprocessor.height))
     # eos=None: decode every step, so the cached-step graph is measured as often as asked.
     greedy(bundle, bundle.prefix(pixels), steps, None, bundle.manifest.model["pad_token_id"])

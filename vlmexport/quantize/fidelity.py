@@ -12,14 +12,14 @@ neither hides nor exaggerates the rest.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vlmexport.checkpoint.preprocess import load_preprocessor
+from vlmexport.bundle.preprocess import bundle_preprocessor
+from vlmexport.bundle.tokenizer import load_tokenizer
 from vlmexport.resources import configs_dir
 from vlmexport.runtime.bundle import Bundle, open_bundle
 from vlmexport.runtime.generate import greedy
@@ -27,10 +27,6 @@ from vlmexport.samples import sample_images
 from vlmexport.validate.metrics import clear_top1, kl_divergence, top2_margin
 
 TEXT = configs_dir() / "fidelity" / "text.txt"
-# A logit margin (nats) under which fp32's top-2 are a near-tie: a flip there is noise, not a
-# fault (the int8 profile's `top1_margin`; see configs/tolerances/int8.toml for the measurement).
-DEFAULT_MARGIN = 1.0
-
 FirstPass = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (prefix [1, P, D], ids [1, T]) → logits [1, n, V]
 
 
@@ -63,11 +59,8 @@ class Fidelity:
 
 
 def text_ids(onnx_dir: Path, max_tokens: int = 128) -> np.ndarray:
-    """The fidelity text in the bundle's own tokenizer, [1, T] (tokenizers only: no torch)."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(Path(onnx_dir) / "tokenizer.json"))
-    ids = tokenizer.encode(TEXT.read_text().strip(), add_special_tokens=False).ids[:max_tokens]
+    """The fidelity text in the bundle's own tokenizer, [1, T]."""
+    ids = load_tokenizer(onnx_dir).encode(TEXT.read_text().strip())[:max_tokens]
     return np.array([ids], np.int64)
 
 
@@ -79,7 +72,7 @@ def fidelity_set(onnx_dir: Path, images: int = 16, tokens: int = 20, fp32: Bundl
     """
     onnx_dir = Path(onnx_dir)
     bundle = fp32 or open_bundle(onnx_dir, "fp32")
-    preprocessor = load_preprocessor(onnx_dir, json.loads((onnx_dir / "config.json").read_text())["vision_config"])
+    preprocessor = bundle_preprocessor(onnx_dir)
     pad = bundle.manifest.model["pad_token_id"]
     pixels = preprocessor(sample_images(images, preprocessor.height))
     prefixes = [bundle.prefix(pixels[i : i + 1]) for i in range(images)]
@@ -97,8 +90,9 @@ def decoder_logits(first_pass: FirstPass, prefixes: list[np.ndarray], ids: list[
     return [first_pass(prefix, row)[0] for prefix, row in zip(prefixes, ids)]
 
 
-def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float = DEFAULT_MARGIN) -> Fidelity:
-    """The variant's `logits` (one array per sequence of `fset`) against fp32's."""
+def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float) -> Fidelity:
+    """The variant's `logits` (one array per sequence of `fset`) against fp32's; `margin` (nats,
+    a profile's logits.top1_margin) is where fp32's top-2 stop being a near-tie."""
     per_sequence = [kl_divergence(ref, got) for ref, got in zip(fset.reference, logits)]
     reference, got = np.concatenate(fset.reference), np.concatenate(logits)
     agreement = clear_top1(reference, got, margin)
@@ -114,7 +108,7 @@ def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float = DEFAULT
     )
 
 
-def end_to_end(fset: FidelitySet, variant: Bundle, margin: float = DEFAULT_MARGIN) -> Fidelity:
+def end_to_end(fset: FidelitySet, variant: Bundle, margin: float) -> Fidelity:
     """A whole variant against fp32: its own vision encoder and projection make the image
     prefixes, its decoder is teacher-forced along fp32's tokens, and it captions freely.
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import onnx
 
+from vlmexport.bundle.manifest import Manifest, read_manifest, variant_path, verify_files
 from vlmexport.errors import BundleError, UsageError
-from vlmexport.exporter.manifest import Manifest, read_manifest, variant_path, verify_files
 from vlmexport.exporter.onnx_io import TWO_GB, signature
 from vlmexport.quantize import fp16, integer, smooth
 from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise
@@ -176,10 +176,10 @@ def quantize_bundle(
             model, fused = optimize_graph(model, name) if optimize else (model, False)
             ranges = [r for r in report.activation_ranges if r.component == name]
             if name in peaks:
-                count = smooth.smooth(model, peaks[name], chosen.smooth_alpha)
+                count = smooth.smooth(model, peaks[name], _smooth_alpha(mode, recipe))
             quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe)
             if name in peaks:
-                settings["smoothing"] = f"SmoothQuant-style outlier migration, alpha {chosen.smooth_alpha}, {count} activations (smooth.py)"
+                settings["smoothing"] = f"SmoothQuant-style outlier migration, alpha {_smooth_alpha(mode, recipe)}, {count} activations (smooth.py)"
             if fused:
                 settings["optimized"] = "onnxruntime.transformers fusions (see vlmexport.quantize.optimize)"
             elif optimize:
@@ -274,8 +274,7 @@ def _quantize(
         return fp16.convert_fp16(model, ranges, exclude)
     if recipe == "dynamic":
         return integer.quantize_integer(model, mode, component, per_channel, exclude)
-    decoder = _recipe(mode, recipe)
-    chosen = ENCODER_RECIPES.get(mode, RECIPES[mode]) if component in ENCODERS else decoder
+    chosen = ENCODER_RECIPES.get(mode, RECIPES[mode]) if component in ENCODERS else _decoder_recipe(mode, recipe)
     return quantize_blockwise(model, chosen, exclude)
 
 
@@ -284,6 +283,30 @@ def _recipe(mode: str, recipe: str) -> BlockwiseRecipe | None:
     if recipe == "hqq":
         return HQQ_RECIPES[mode]
     return RECIPES.get(mode) if recipe == "blockwise" else None
+
+
+def _decoder_recipe(mode: str, recipe: str) -> BlockwiseRecipe:
+    """`_recipe` where a blockwise recipe must exist (smoothing, MatMulNBits).
+
+    Raises:
+        UsageError: mode and recipe have none (fp16, or the dynamic recipe).
+    """
+    chosen = _recipe(mode, recipe)
+    if chosen is None:
+        raise UsageError(f"--mode {mode} --recipe {recipe} has no blockwise recipe", "use --recipe blockwise or hqq")
+    return chosen
+
+
+def _smooth_alpha(mode: str, recipe: str) -> float:
+    """The decoder recipe's SmoothQuant α; peaks are measured only for recipes that have one.
+
+    Raises:
+        UsageError: the recipe does not smooth.
+    """
+    alpha = _decoder_recipe(mode, recipe).smooth_alpha
+    if alpha is None:
+        raise UsageError(f"--mode {mode} --recipe {recipe} does not migrate outliers", "use the int8 or uint8 blockwise recipe")
+    return alpha
 
 
 def _peaks(onnx_dir: Path, manifest: Manifest, components: list[str], step: Callable[[str], None]) -> dict[str, dict]:
@@ -313,17 +336,20 @@ def _auto_keep(
 
     component = "decoder" if manifest.layout == "compact" else "prefix_init"
     profile = profile_named(mode)
+    margin = profile.logits.top1_margin
+    if margin is None:  # the near-tie margin is a bound: it comes from the profile, never a default here
+        raise UsageError(f"profile {profile.name} has no [logits] top1_margin, which --keep-fp32 auto needs", "add it to the profile")
     step("--keep-fp32 auto: fidelity set (fp32)")
     fset = fidelity_set(onnx_dir)
     fp32 = onnx.load(str(onnx_dir / manifest.variants["fp32"][component]))
     if component in peaks:
-        smooth.smooth(fp32, peaks[component], _recipe(mode, recipe).smooth_alpha)
+        smooth.smooth(fp32, peaks[component], _smooth_alpha(mode, recipe))
     low = onnx.ModelProto()
     low.CopyFrom(fp32)
     low, _ = _quantize(low, mode, component, None, excluded[component], [], recipe)  # never fp16 (refused above)
     graph = sensitivity.switchable(fp32, low)
     template = open_bundle(onnx_dir, "fp32", components=())
-    measurer = sensitivity.Measurer(graph, template, component, fset, profile.logits.top1_margin)
+    measurer = sensitivity.Measurer(graph, template, component, fset, margin)
     ranking = sensitivity.rank(measurer, on_node=lambda j, n: step(f"--keep-fp32 auto: node {j + 1}/{n} alone"))
     step("--keep-fp32 auto: fewest nodes kept")
     target = profile.end_to_end.teacher_forced_kl * AUTO_KL_SHARE

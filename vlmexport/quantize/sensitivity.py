@@ -69,7 +69,9 @@ def switchable(high: onnx.ModelProto, low: onnx.ModelProto) -> Switchable:
     producers = {o: i for i, n in enumerate(low.graph.node) for o in n.output}
     transposed = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in high_inits}
     nodes: list[onnx.NodeProto] = []
-    names, high_bytes, low_bytes = [], [], []
+    names: list[str] = []
+    high_bytes: list[int] = []
+    low_bytes: list[int] = []
     added: set[str] = set()
     for node in graph.node:
         chain = _low_chain(node, low.graph, producers, known, low_inits) if node.op_type in SWITCHABLE_OPS else None

@@ -87,7 +87,7 @@ def web_agreement(onnx_dir: Path, variants: list[str], pixels: np.ndarray) -> li
     Raises:
         BundleError: see run_in_ort_web; or the bundle is not compact.
     """
-    from vlmexport.exporter.names import past_names
+    from vlmexport.bundle.names import past_names
     from vlmexport.runtime.bundle import open_bundle
     from vlmexport.validate.metrics import rel_max
 

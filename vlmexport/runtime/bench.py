@@ -84,7 +84,7 @@ def run_bench(
         BundleError: no bundle, or a variant it does not have (checked before anything runs).
         CheckpointError: the checkpoint cannot be loaded.
     """
-    from vlmexport.exporter.manifest import read_manifest
+    from vlmexport.bundle.manifest import read_manifest
 
     if tokens < 1 or repeats < 1:
         raise UsageError("--tokens and --repeats must be at least 1", "pass positive numbers")
@@ -166,10 +166,10 @@ def _step_ms(step: Callable[[np.ndarray], np.ndarray], first_token: np.ndarray, 
 
 def measure_onnx(onnx_dir: Path, variant: str, tokens: int, repeats: int, threads: int) -> BackendBench:
     """One ONNX variant: the runtime's own loop (`runtime.generate`), EOS ignored."""
-    from vlmexport.checkpoint.generate import DecodeOptions
+    from vlmexport.bundle.decoding import DecodeOptions
+    from vlmexport.bundle.preprocess import bundle_preprocessor
     from vlmexport.exporter.onnx_io import initializer_bytes
     from vlmexport.runtime.bundle import open_bundle
-    from vlmexport.runtime.caption import bundle_preprocessor
     from vlmexport.runtime.generate import generate
     from vlmexport.samples import sample_images
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vlmexport.bundle.manifest import Manifest, read_manifest
+from vlmexport.bundle.names import past_names
 from vlmexport.errors import BundleError
-from vlmexport.exporter.manifest import Manifest, read_manifest
-from vlmexport.exporter.names import past_names
+from vlmexport.runtime.runner import Runner
 
 Past = list[np.ndarray]
 
@@ -41,7 +42,7 @@ def session(path: Path | bytes, threads: int | None = None, spin: bool = True) -
 
 
 @dataclass
-class Bundle:
+class Bundle(Runner):
     """Sessions of one variant of a bundle."""
 
     path: Path

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from vlmexport.checkpoint.generate import DecodeOptions, decode
-from vlmexport.checkpoint.load import load_tokenizer
-from vlmexport.checkpoint.preprocess import Preprocessor, load_preprocessor, open_image
-from vlmexport.errors import BundleError
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.preprocess import bundle_preprocessor, open_image
+from vlmexport.bundle.tokenizer import decode, load_tokenizer
 from vlmexport.runtime.bundle import Bundle, open_bundle
 from vlmexport.runtime.generate import generate
 
@@ -27,22 +25,6 @@ def batch_dependent(bundle: Bundle) -> bool:
     files = bundle.manifest.files
     ops = {op.split(".")[-1] for relative in bundle.manifest.variants[bundle.variant].values() for op in files.get(relative, {}).get("ops", [])}
     return bool(ops & BATCH_DEPENDENT_OPS)
-
-
-def bundle_preprocessor(bundle_dir: Path) -> Preprocessor:
-    """The preprocessing written into the bundle (preprocessor_config.json), or derived from its config.json.
-
-    Raises:
-        BundleError: neither file is readable.
-        CheckpointError: preprocessor_config.json is not valid JSON.
-    """
-    try:
-        vision_config = json.loads((bundle_dir / "config.json").read_text()).get("vision_config", {})
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        if not (bundle_dir / "preprocessor_config.json").is_file():
-            raise BundleError(f"{bundle_dir} has neither preprocessor_config.json nor a readable config.json", "re-run `vlmexport export`") from exc
-        vision_config = {}
-    return load_preprocessor(bundle_dir, vision_config)
 
 
 def caption_tokens(bundle: Bundle, pixel_values: np.ndarray, options: DecodeOptions, batch_size: int = BATCH_SIZE) -> list[list[int]]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from vlmexport.checkpoint.generate import DecodeOptions, strip_after_eos
+from vlmexport.bundle.decoding import DecodeOptions, strip_after_eos
 from vlmexport.errors import UsageError
 from vlmexport.runtime.runner import Runner
 
@@ -39,8 +39,7 @@ def generate(
     Raises:
         UsageError: `options.max_new_tokens` is unset (resolve it with `with_default_length`).
     """
-    if options.max_new_tokens is None:
-        raise UsageError("max_new_tokens is not set", "call options.with_default_length(model max_length) first")
+    _length(options)  # raises before any graph runs
     rng = rng if rng is not None else np.random.default_rng(options.seed)
     if options.num_beams > 1:
         return beam_search(runner, prefix, options, eos, rng)
@@ -63,19 +62,19 @@ def sample(
     batch gives the tokens it would give alone — for graphs without dynamic activation
     quantization (int8/uint8 share one scale across the batch; see runtime/caption.py).
     """
-    processors = logits_processors(options, min_tokens_to_keep=1)
+    processors, limit = logits_processors(options, min_tokens_to_keep=1), _length(options)
     filler = pad if pad is not None else (eos if eos is not None else 0)
     batch = prefix.shape[0]
     ids = np.zeros((batch, 0), np.int64)
     done = np.zeros(batch, dtype=bool)
     logits, past = runner.first_pass(prefix)
-    for step in range(options.max_new_tokens):
+    for step in range(limit):
         scores = apply(processors, ids, logits[:, -1, :].astype(np.float32))
         chosen = draw(softmax(scores), rng) if options.do_sample else scores.argmax(-1)
         chosen = np.where(done, filler, chosen).astype(np.int64)
         ids = np.concatenate([ids, chosen[:, None]], axis=1)
         done |= chosen == eos
-        if done.all() or step == options.max_new_tokens - 1:
+        if done.all() or step == limit - 1:
             break
         logits, past = runner.step(chosen[:, None], past)
     return [strip_after_eos(row, eos) for row in ids.tolist()]
@@ -90,7 +89,7 @@ def beam_search(runner: Runner, prefix: np.ndarray, options: DecodeOptions, eos:
     running `num_beams` continue, and the KV cache is reordered to them (np.take on axis 0).
     The best finished hypothesis of each image is returned.
     """
-    batch, beams, length = prefix.shape[0], options.num_beams, options.max_new_tokens
+    batch, beams, length = prefix.shape[0], options.num_beams, _length(options)
     # transformers keeps (1 + number of EOS ids, at least 2) × beams candidates and at least 2
     # tokens through top-k/top-p, so one EOS cannot leave a beam without a continuation.
     processors = logits_processors(options, min_tokens_to_keep=2)
@@ -151,6 +150,17 @@ def beam_search(runner: Runner, prefix: np.ndarray, options: DecodeOptions, eos:
     return [strip_after_eos(tokens, eos) for tokens in best]
 
 
+def _length(options: DecodeOptions) -> int:
+    """`options.max_new_tokens`, which must be set.
+
+    Raises:
+        UsageError: it is unset (resolve it with `with_default_length`).
+    """
+    if options.max_new_tokens is None:
+        raise UsageError("max_new_tokens is not set", "call options.with_default_length(model max_length) first")
+    return options.max_new_tokens
+
+
 def _can_improve(
     running_scores: np.ndarray, finished_scores: np.ndarray, is_finished: np.ndarray, cur_len: int, max_length: int, options: DecodeOptions
 ) -> np.ndarray:
@@ -160,7 +170,7 @@ def _can_improve(
     hypothetical = max_length if options.early_stopping == "never" and penalty > 0 else cur_len
     best_running = running_scores[:, :1] / np.float32(hypothetical**penalty)
     worst_finished = np.where(is_finished, finished_scores.min(1, keepdims=True), NEG)
-    return (best_running > worst_finished).any(-1, keepdims=True)
+    return np.asarray((best_running > worst_finished).any(-1, keepdims=True))
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:

@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from vlmexport.checkpoint.generate import DecodeOptions, decode
-from vlmexport.checkpoint.load import load_tokenizer
-from vlmexport.checkpoint.preprocess import open_image
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.manifest import MANIFEST_NAME, read_manifest
+from vlmexport.bundle.preprocess import bundle_preprocessor, open_image
+from vlmexport.bundle.tokenizer import decode, load_tokenizer
 from vlmexport.errors import BundleError, ImageError, UsageError, VlmExportError
-from vlmexport.exporter.manifest import MANIFEST_NAME, read_manifest
 from vlmexport.runtime.bundle import Bundle, open_bundle
-from vlmexport.runtime.caption import bundle_preprocessor, caption_tokens
+from vlmexport.runtime.caption import caption_tokens
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 NODE_MODULES = WEB_DIR / "node_modules"

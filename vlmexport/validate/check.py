@@ -9,7 +9,6 @@ Both are `Runner`s, so one set of comparisons serves both.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,13 +18,15 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from vlmexport.checkpoint.generate import DecodeOptions, decode, generate_tokens
-from vlmexport.checkpoint.load import Checkpoint, load_checkpoint, load_tokenizer
+from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.manifest import VARIANTS, Manifest, read_manifest, verify_files
+from vlmexport.bundle.preprocess import IMAGE_SUFFIXES, Preprocessor, bundle_preprocessor, open_image
+from vlmexport.bundle.tokenizer import decode, load_tokenizer
+from vlmexport.checkpoint.generate import generate_tokens
+from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 from vlmexport.checkpoint.merge import forced_positions, merge_measurements, merged_model
-from vlmexport.checkpoint.preprocess import Preprocessor, load_preprocessor, open_image
 from vlmexport.errors import BundleError, ImageError, UsageError
 from vlmexport.exporter.graphs import decoder_shape
-from vlmexport.exporter.manifest import VARIANTS, Manifest, read_manifest, verify_files
 from vlmexport.exporter.onnx_io import signature
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.generate import greedy
@@ -53,7 +54,6 @@ BATCHES = (1, 3)
 DECODE_STEPS = 3
 # Images per end-to-end chunk: bounds memory (teacher-forced logits are batch × tokens × vocabulary).
 CAPTION_BATCH = 8
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 MERGE_NOTE = (
     "merged vs LoRA (PyTorch): the merged model teacher-forced along the LoRA model's greedy tokens on the "
     "check images, under the [merge] bounds (compare_models' criteria without running transformers' "
@@ -124,7 +124,7 @@ def check_bundle(
     manifest = verify_bundle(onnx_dir, variant)
     step("proving the integer kernels cannot saturate on any CPU")
     proofs = portability(onnx_dir, manifest, variant)
-    preprocessor = _bundle_preprocessor(onnx_dir)
+    preprocessor = bundle_preprocessor(onnx_dir)
     names, pixels = _load_images(images, preprocessor)
     step("opening the bundle")
     candidate = open_bundle(onnx_dir, variant)
@@ -208,14 +208,6 @@ def _verify_signature(onnx_dir: Path, relative: str, info: dict[str, Any]) -> No
             raise BundleError(f"{relative}: its {kind} differ from the manifest ({differ})", "re-export the bundle; check trusts only graphs its manifest describes")
 
 
-def _bundle_preprocessor(onnx_dir: Path) -> Preprocessor:
-    try:
-        vision_config = json.loads((onnx_dir / "config.json").read_text())["vision_config"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise BundleError(f"{onnx_dir / 'config.json'} has no vision_config ({exc})", "re-export the bundle") from exc
-    return load_preprocessor(onnx_dir, vision_config)
-
-
 def _load_images(folder: Path | None, preprocessor: Preprocessor) -> tuple[list[str], np.ndarray]:
     """(names, pixel values): the bundled samples, or every image file in `folder` (sorted)."""
     if folder is None:
@@ -287,6 +279,7 @@ def _rows(component: str, output: str, values: dict[str, Any], bounds: TensorBou
     out = []
     for key, value in values.items():
         if key == "top1":  # an Agreement: the rate, and how many positions counted
+            assert bounds.top1 is not None  # profiles.py requires top1 wherever it is measured (logits)
             out.append(Measurement(component, output, key, value.rate, bounds.top1, True, batch, value.counted, value.positions, value.swing))
         else:
             out.append(Measurement(component, output, key, value, getattr(bounds, key), key in HIGHER_IS_BETTER, batch))

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from vlmexport.exporter.manifest import Manifest
+from vlmexport.bundle.manifest import Manifest
 from vlmexport.validate.metrics import Measurement
 
 INT16_MAX = 32767

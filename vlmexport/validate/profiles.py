@@ -147,7 +147,7 @@ def load_profile(path: Path) -> Profile:
             f"{path}: {len(problems)} problem(s): " + "; ".join(problems),
             "fix them; every bound is a number, configs/tolerances/fp32.toml shows the schema",
         )
-    return Profile(name=path.stem, description=description, source=str(path), **sections)
+    return Profile(name=path.stem, description=str(description), source=str(path), **sections)
 
 
 def _section(table: Any, name: str, cls: type, problems: list[str]) -> Any:

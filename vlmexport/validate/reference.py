@@ -12,11 +12,12 @@ import torch
 from transformers import DynamicCache
 
 from vlmexport.checkpoint.model import PrefixConditioningVLM
+from vlmexport.runtime.runner import Runner
 
 Past = list[np.ndarray]
 
 
-class TorchRunner:
+class TorchRunner(Runner):
     """numpy in, numpy out; logits follow the bundle's convention (positions that predict a token)."""
 
     def __init__(self, model: PrefixConditioningVLM) -> None:

@@ -1,14 +1,20 @@
-"""The quick parity pass run at the end of every export: one image, every component, two cached
-steps — errors relative to each tensor's RMS (`rel_max`, `rel_mean`), bounded by the fp32
-tolerance profile (configs/tolerances/fp32.toml), the same bounds `check` holds fp32 to."""
+"""The verification run at the end of every export (`verify_bundle`): onnx.checker on every
+graph, every graph loaded in ONNX Runtime, and a quick parity pass — one image, every component,
+two cached steps — errors relative to each tensor's RMS (`rel_max`, `rel_mean`), bounded by the
+fp32 tolerance profile (configs/tolerances/fp32.toml), the same bounds `check` holds fp32 to."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import onnx
 
-from vlmexport.exporter.manifest import decoder_graphs
+from vlmexport.bundle.manifest import decoder_graphs, read_manifest
+from vlmexport.errors import BundleError, ParityError
+from vlmexport.exporter.memory import release_freed_memory
+from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.runner import Runner
 from vlmexport.validate.metrics import Measurement, present_values, rel_max, rel_mean
 from vlmexport.validate.profiles import Profile, TensorBounds, profile_named
@@ -98,3 +104,46 @@ def decoder_parity(recorded: SmokeReference, layout: str, first: Pass, stepper: 
         out += _relative(name, "logits", ref_logits, got_logits, profile.logits)
         out += _present(name, ref_past, got_past, profile.present)
     return out
+
+
+def check_graphs(bundle_dir: Path, files: list[str]) -> None:
+    """onnx.checker (full check) on each graph file.
+
+    Raises:
+        BundleError: naming the first graph that fails.
+    """
+    for relative in files:
+        try:
+            onnx.checker.check_model(str(bundle_dir / relative), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise BundleError(f"{relative} fails onnx.checker ({str(exc).splitlines()[0]})", "report this as a vlmexport bug") from exc
+
+
+def verify_bundle(bundle_dir: Path, recorded: SmokeReference, profile: Profile | None = None) -> list[Measurement]:
+    """The export's verification of the fp32 graphs in `bundle_dir` (its manifest written):
+    onnx.checker, ONNX Runtime loads each graph, and the smoke parity against `recorded` under
+    `profile` (default fp32). Returns the measurements, all within bounds.
+
+    Raises:
+        BundleError: a graph fails the checker or cannot be loaded.
+        ParityError: a measurement is out of bounds (the first one, with its value and bound).
+    """
+    manifest = read_manifest(bundle_dir)
+    check_graphs(bundle_dir, list(manifest.variants["fp32"].values()))
+    release_freed_memory()  # the checker's copies of the graphs
+    # One graph's sessions at a time (vision and projection together): every graph of
+    # the distilvit layout open at once was the export's peak (1.8 GB of sessions).
+    smoke = prefix_parity(recorded, open_bundle(bundle_dir, components=("vision_encoder", "projection")), profile)
+    first_graph, step_graph = decoder_graphs(manifest.layout)
+    decoder = open_bundle(bundle_dir, components=(first_graph,))
+    first = decoder.first_pass(recorded.prefix)
+    if step_graph != first_graph:
+        del decoder
+        release_freed_memory()
+        decoder = open_bundle(bundle_dir, components=(step_graph,))
+    smoke += decoder_parity(recorded, manifest.layout, first, decoder, profile)
+    failed = [m for m in smoke if not m.passed]
+    if failed:
+        worst = failed[0]
+        raise ParityError(f"{worst.component} {worst.output}", worst.metric, worst.value, worst.tolerance, "report this as a vlmexport bug")
+    return smoke
