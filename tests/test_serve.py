@@ -9,6 +9,7 @@ import io
 import json
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,19 +119,30 @@ def test_bad_uploads_get_400_with_a_json_error_and_the_server_goes_on(server: Vl
     ("fields", "message"),
     [
         ({"variant": "int8"}, "variant 'int8' is not in this bundle"),
-        ({"num_beams": "many"}, "num_beams='many' is not a number"),
-        ({"num_beams": "0"}, "num_beams must be at least 1"),
-        ({"top_p": "1.5", "do_sample": "1"}, "top_p must be in (0, 1]"),
-        ({"beams": "2"}, "unknown field(s) beams"),
+        ({"num_beams": "many"}, "num_beams must be an integer from 1 to 4 (got 'many')"),
+        ({"num_beams": "0"}, "num_beams must be from 1 to 4 (got 0)"),
+        ({"num_beams": "10000"}, "num_beams must be from 1 to 4 (got 10000)"),
+        ({"max_new_tokens": "100000"}, "max_new_tokens must be from 1 to 8 (got 100000)"),  # the tiny model's max_length
+        ({"num_beams": "4", "max_new_tokens": "1_000"}, "max_new_tokens must be an integer"),
+        ({"top_p": "1.5", "do_sample": "1"}, "top_p must be a finite number in (0, 1] (got '1.5')"),
+        ({"seed": "-1", "do_sample": "true"}, "seed must be from 0 to 4294967295 (got -1)"),
+        ({"temperature": "inf", "do_sample": "true"}, "temperature must be a finite number in (0, 100] (got 'inf')"),
+        ({"temperature": "nan", "do_sample": "true"}, "temperature must be a finite number"),
+        ({"do_sample": "maybe"}, "do_sample must be true or false (got 'maybe')"),
+        ({"temperature": "0.7"}, "temperature applies only to sampling"),
+        ({"length_penalty": "2"}, "length_penalty applies only to beam search"),
+        ({"early_stopping": "soon", "num_beams": "2"}, "early_stopping must be true, false or never (got 'soon')"),
+        ({"beams": "2"}, "unknown field(s) 'beams'"),
     ],
 )
-def test_bad_options_get_400_naming_the_problem(server: VlmServer, images: list[Path], fields: dict[str, str], message: str) -> None:
+def test_bad_options_get_400_naming_the_problem_and_the_field(server: VlmServer, images: list[Path], fields: dict[str, str], message: str) -> None:
     status, body = post_caption(server, images[0].read_bytes(), **fields)
     assert status == 400 and message in body["error"], body
+    assert body.get("field") in fields or fields == {"variant": "int8"}
 
 
 def test_uploads_over_the_limit_get_413_without_being_read(server: VlmServer, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server, "max_upload_bytes", 100)
+    monkeypatch.setattr(server.service, "settings", replace(server.service.settings, max_upload_bytes=100))
     status, headers, data = request(server, "POST", "/caption", images[0].read_bytes(), {"Content-Type": "image/png"})
     assert status == 413 and "over the 0.0001 MB limit" in json.loads(data)["error"]
     assert headers.get("connection") == "close"  # the unread body must not be parsed as a request

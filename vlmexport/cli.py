@@ -280,31 +280,41 @@ def serve(
     onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder")] = Path("onnx"),
     host: Annotated[str, typer.Option("--host", help="address to listen on; the default serves this machine only")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="port (0 picks a free one)")] = 8000,
+    allowed_host: Annotated[list[str] | None, typer.Option("--allowed-host", help="another Host name to answer to (repeatable; * for any)")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="captions at once (0: one per core)")] = 0,
+    queue: Annotated[int | None, typer.Option("--queue", min=0, help="requests waiting beyond those running before 503 (default: 8 per worker)")] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="largest image POST /caption accepts")] = 20,
+    max_megapixels: Annotated[float, typer.Option("--max-megapixels", min=0.001, help="largest image size, read from its header")] = 50,
+    max_beams: Annotated[int, typer.Option("--max-beams", min=1, help="most beams a request may ask for")] = 4,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="most tokens a request may ask for (default: the model's max_length)")] = None,
+    client_timeout: Annotated[float, typer.Option("--client-timeout", min=0.01, help="seconds a client has to send its request")] = 30,
     quiet: Annotated[bool, typer.Option("--quiet", help="no request log")] = False,
 ) -> None:
     """Serve the browser demo (ONNX Runtime Web), the bundle, and POST /caption (Python runtime).
 
     Example: vlmexport serve --onnx-dir onnx --port 8000
     """
-    from vlmexport.serve.server import make_server
+    from vlmexport.serve.server import Settings, make_server
 
     def log(line: str) -> None:
         if not quiet:
             err.print(line, markup=False, highlight=False)
 
-    server = make_server(onnx_dir, host, port, max_upload_bytes=int(max_upload_mb * 1e6), log=log)
+    settings = Settings(
+        max_upload_bytes=int(max_upload_mb * 1e6), max_pixels=int(max_megapixels * 1e6), max_beams=max_beams,
+        max_new_tokens=max_new_tokens, workers=workers, queue=queue, client_timeout=client_timeout,
+    )  # fmt: skip
+    server = make_server(onnx_dir, host, port, settings, log=log, allowed_hosts=allowed_host or ())
     for warning in server.warnings:
         err.print(f"warning: {warning}", markup=False, highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: listening on {host}: anyone who can reach it can use it (there is no authentication)", markup=False, highlight=False)
-    out.print(f"serving {onnx_dir}: demo page {server.url}/ · curl -F image=@photo.png {server.url}/caption · Ctrl-C stops", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"serving {onnx_dir}: demo page {server.url}/ · API {server.url}/docs · curl -F image=@photo.png {server.url}/caption · Ctrl-C stops", markup=False, highlight=False, soft_wrap=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        out.print("stopped")
     finally:
         server.server_close()
+    out.print("stopped")
 
 
 @app.command()
