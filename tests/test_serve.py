@@ -12,16 +12,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from serving import require, running_server
 
 from vlmexport.checkpoint.generate import DecodeOptions
 from vlmexport.cli import main
-from vlmexport.errors import BundleError, UsageError
+from vlmexport.errors import BundleError, ImageError, UsageError
 from vlmexport.exporter.export import export_bundle
 from vlmexport.exporter.manifest import read_manifest
+from vlmexport.runtime import Captioner
 from vlmexport.runtime.caption import caption_images
 from vlmexport.samples import sample_images
+from vlmexport.serve.hosts import host_policy
 from vlmexport.serve.server import VENDOR, VlmServer, make_server
 
 BOUNDARY = "vlmexport-test-boundary"
@@ -266,3 +270,102 @@ def test_a_bundle_changed_while_serving_serves_its_new_manifest(server: VlmServe
         manifest.files.pop("extra.json", None)
         manifest.write(bundle)
         extra.unlink()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Host": "attacker.example"}, 403),  # DNS rebinding: the page's name, our address
+        ({"Host": "attacker.example:8000"}, 403),
+        ({"Host": "localhost:1:2"}, 403),
+        ({"Origin": "http://attacker.example"}, 403),  # a cross-origin POST from a page
+        ({"Origin": "null"}, 403),
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Host": "localhost"}, 200),
+        ({"Host": "app.localhost"}, 200),
+    ],
+)
+def test_host_header_and_cross_origin_posts_are_checked(server: VlmServer, images: list[Path], headers: dict[str, str], status: int) -> None:
+    body, form = multipart({}, {"image": ("photo.png", images[0].read_bytes())})
+    got, response_headers, data = request(server, "POST", "/caption", body, {**form, **headers})
+    assert got == status, data
+    assert response_headers["cross-origin-embedder-policy"] == "require-corp"  # on refusals too
+    if status == 403:
+        assert "Host" in json.loads(data)["error"] or "cross-origin" in json.loads(data)["error"]
+    assert request(server, "GET", "/health", headers={"Host": "attacker.example"})[0] == 403
+
+
+def test_same_origin_post_from_the_served_page_is_accepted(server: VlmServer, images: list[Path]) -> None:
+    host = f"127.0.0.1:{server.server_address[1]}"
+    body, form = multipart({}, {"image": ("photo.png", images[0].read_bytes())})
+    assert request(server, "POST", "/caption", body, {**form, "Host": host, "Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"})[0] == 200
+
+
+def test_host_policy_widens_only_as_asked() -> None:
+    local = host_policy("127.0.0.1")
+    assert local.allows("localhost:8000") and local.allows("[::1]:8000") and not local.allows("192.168.1.5")
+    anywhere = host_policy("0.0.0.0")
+    assert anywhere.allows("192.168.1.5:8000") and anywhere.allows("[fe80::1]") and not anywhere.allows("attacker.example")
+    assert host_policy("127.0.0.1", ["captions.lan"]).allows("captions.lan:80") and host_policy("127.0.0.1", ["*"]).allows("anything.example")
+
+
+def test_health_openapi_and_docs_describe_the_server_and_its_limits(server: VlmServer) -> None:
+    status, _, data = request(server, "GET", "/health")
+    health = json.loads(data)
+    assert status == 200 and health["status"] == "ok" and health["variants"] == ["fp32"] and health["workers"] >= 1
+    assert health["max_new_tokens"] == 8 and health["max_beams"] == 4  # the tiny model's max_length; the default beam cap
+    schema = json.loads(request(server, "GET", "/openapi.json")[2])
+    post = schema["paths"]["/caption"]["post"]
+    fields = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert {"image", "num_beams", "max_new_tokens", "do_sample", "seed", "temperature"} <= set(fields)
+    assert fields["num_beams"]["maximum"] == 4 and fields["max_new_tokens"]["maximum"] == 8
+    assert {"400", "403", "413", "503"} <= set(post["responses"])
+    status, headers, page = request(server, "GET", "/docs")
+    assert status == 200 and headers["content-type"].startswith("text/html") and b"POST /caption" in page and b"https://" not in page
+
+
+def test_bundle_files_have_etags_and_ranges(server: VlmServer, bundle: Path) -> None:
+    status, headers, data = request(server, "GET", "/bundle/vlmexport.json")
+    assert status == 200 and headers["etag"] and headers["accept-ranges"] == "bytes"
+    assert request(server, "GET", "/bundle/vlmexport.json", headers={"If-None-Match": headers["etag"]})[0] == 304
+    assert request(server, "GET", "/bundle/vlmexport.json", headers={"If-None-Match": '"other"'})[0] == 200
+    status, ranged, part = request(server, "GET", "/bundle/projection.onnx", headers={"Range": "bytes=10-29"})
+    assert status == 206 and part == (bundle / "projection.onnx").read_bytes()[10:30]
+    assert ranged["content-range"].startswith("bytes 10-29/")
+    status, headers, _ = request(server, "HEAD", "/bundle/projection.onnx")
+    assert status == 200 and int(headers["content-length"]) == (bundle / "projection.onnx").stat().st_size
+
+
+def test_a_16_bit_png_is_captioned_like_its_8_bit_copy(server: VlmServer, images: list[Path]) -> None:
+    eight = np.asarray(Image.open(images[1]).convert("L"))
+    sixteen = Image.fromarray(eight.astype(np.uint16) * 257)  # 255 → 65535, exactly
+    assert sixteen.mode == "I;16"
+    buffers = {}
+    for name, image in (("8", Image.fromarray(eight)), ("16", sixteen)):
+        buffers[name] = io.BytesIO()
+        image.save(buffers[name], "PNG")
+    captions = {name: post_caption(server, buffer.getvalue())[1]["caption"] for name, buffer in buffers.items()}
+    white = io.BytesIO()
+    Image.fromarray(np.full_like(eight, 255)).save(white, "PNG")
+    assert captions["16"] == captions["8"] != post_caption(server, white.getvalue())[1]["caption"]  # not read as all white
+
+
+def test_the_access_log_escapes_control_characters(bundle: Path) -> None:
+    lines: list[str] = []
+    with running_server(bundle, log=lines.append) as server:
+        request(server, "GET", "/bundle/x%0d%0aFAKE%201.2.3.4%20%22GET%20/%22%20200%1b[31m")
+        request(server, "GET", "/health")
+    assert len(lines) == 2 and all("\r" not in line and "\n" not in line and "\x1b" not in line for line in lines)
+    assert "\\r\\nFAKE" in lines[0] and "\\x1b[31m" in lines[0] and lines[0].endswith(tuple(f"{n} ms" for n in range(100000)))
+
+
+def test_the_captioner_api_captions_paths_arrays_bytes_and_batches(bundle: Path, images: list[Path]) -> None:
+    expected = caption_images(bundle, images, batch_size=1)
+    captioner = Captioner(bundle, threads=1)
+    assert captioner.caption(images) == expected
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    assert captioner.caption([arrays[0], images[1].read_bytes(), str(images[2])]) == expected
+    batch = captioner({"path": np.asarray([str(p) for p in images]), "image": np.asarray(arrays)})
+    assert list(batch["caption"]) == expected and list(batch["path"]) == [str(p) for p in images]
+    with pytest.raises(ImageError, match="no `image` or `bytes` column"):
+        captioner({"text": np.asarray(["x"])})
