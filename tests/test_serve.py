@@ -26,9 +26,8 @@ from vlmexport.runtime import Captioner
 from vlmexport.runtime.caption import caption_images
 from vlmexport.samples import sample_images
 from vlmexport.serve.hosts import host_policy
+from vlmexport.serve.load import multipart
 from vlmexport.serve.server import VENDOR, VlmServer, make_server
-
-BOUNDARY = "vlmexport-test-boundary"
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +62,6 @@ def request(server: VlmServer, method: str, path: str, body: bytes | None = None
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
         connection.close()
-
-
-def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
-    out = io.BytesIO()
-    for name, value in fields.items():
-        out.write(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    for name, (filename, data) in files.items():
-        out.write(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode())
-        out.write(data + b"\r\n")
-    out.write(f"--{BOUNDARY}--\r\n".encode())
-    return out.getvalue(), {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 
 def post_caption(server: VlmServer, image: bytes, path: str = "/caption", **fields: str) -> tuple[int, dict]:

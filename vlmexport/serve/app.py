@@ -280,6 +280,8 @@ class Guard:
                 headers = MutableHeaders(scope=message)
                 for name, value in HEADERS.items():
                     headers[name] = value
+                # The server's own time to answer, apart from the network and the client (browsers show it).
+                headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1e3:.1f}"
             await send(message)
 
         refusal = self.hosts.refusal(_headers(scope["headers"]), scope["method"])
