@@ -9,11 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -21,12 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
 
 from vlmexport.exporter.export import export_bundle
-from vlmexport.serve.load import Answer, caption_load, multipart, send
+from vlmexport.serve.load import Answer, ServerProcess, caption_load, multipart, send
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = REPO / "examples" / "shapes"
@@ -45,47 +41,9 @@ def images() -> list[bytes]:
     return [path.read_bytes() for path in sorted((SHAPES / "images").glob("*.png"))[:4]]
 
 
-class Server:
-    """`vlmexport serve` in a subprocess, its URL read from what it prints."""
-
-    def __init__(self, bundle: Path) -> None:
-        command = [sys.executable, "-m", "vlmexport", "serve", "--onnx-dir", str(bundle), "--port", "0", "--quiet", "--client-timeout", str(CLIENT_TIMEOUT)]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-        line = self.process.stdout.readline() if self.process.stdout else ""
-        match = re.search(r"(http://localhost:\d+)/", line)
-        if not match:
-            self.process.kill()
-            raise AssertionError(f"the server did not start: {line!r} {self.process.stderr.read() if self.process.stderr else ''}")
-        self.url = match.group(1)
-        self.port = int(self.url.rsplit(":", 1)[1])
-        self.ps = psutil.Process(self.process.pid)
-
-    def rss(self) -> int:
-        return self.ps.memory_info().rss
-
-    def reset_peak(self) -> bool:
-        """Reset the kernel's peak RSS (VmHWM) of the server; False where that is not allowed."""
-        try:
-            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
-
-    def peak(self) -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
 @pytest.fixture(scope="module")
-def server(shapes_bundle: Path, images: list[bytes]) -> Iterator[Server]:
-    running = Server(shapes_bundle)
+def server(shapes_bundle: Path, images: list[bytes]) -> Iterator[ServerProcess]:
+    running = ServerProcess(shapes_bundle, "--client-timeout", str(CLIENT_TIMEOUT))
     try:
         assert caption_load(running.url, images, len(images), 1).statuses() == {200: len(images)}  # warm: every kernel chosen
         yield running
@@ -161,7 +119,7 @@ def _with(form: tuple[bytes, dict[str, str]], extra: dict[str, str]) -> tuple[by
     return form[0], {**form[1], **extra}
 
 
-def test_every_probe_of_the_issue_gets_a_4xx_within_1_s_of_server_work(server: Server, images: list[bytes]) -> None:
+def test_every_probe_of_the_issue_gets_a_4xx_within_1_s_of_server_work(server: ServerProcess, images: list[bytes]) -> None:
     answers: dict[str, Answer] = {}
     for name, (method, path, body, headers) in probes(images, server.port).items():
         answers[name] = send(server.url, method, path, body, headers, timeout=30)
@@ -178,7 +136,7 @@ def test_every_probe_of_the_issue_gets_a_4xx_within_1_s_of_server_work(server: S
     assert send(server.url, "POST", "/caption", *_form({}, images[0])).status == 200  # and it goes on
 
 
-def test_a_16_bit_grayscale_png_is_captioned_like_its_8_bit_copy(server: Server) -> None:
+def test_a_16_bit_grayscale_png_is_captioned_like_its_8_bit_copy(server: ServerProcess) -> None:
     eight = Image.open(SHAPES / "images" / "000.png").convert("L")
     sixteen = Image.fromarray(np.asarray(eight).astype(np.uint16) * 257)
     clipped = sixteen.convert("RGB")  # what a plain convert does to 16-bit values: every non-zero one → 255
@@ -192,7 +150,7 @@ def test_a_16_bit_grayscale_png_is_captioned_like_its_8_bit_copy(server: Server)
     assert captions[0] == captions[1] != captions[2], captions
 
 
-def test_load_at_concurrency_16_and_64_gives_only_200_and_deliberate_503_and_bounded_memory(server: Server, images: list[bytes]) -> None:
+def test_load_at_concurrency_16_and_64_gives_only_200_and_deliberate_503_and_bounded_memory(server: ServerProcess, images: list[bytes]) -> None:
     capacity = json.loads(send(server.url, "GET", "/health").body)["capacity"]
     idle = server.rss()
     exact_peak = server.reset_peak()
@@ -232,7 +190,7 @@ def test_load_at_concurrency_16_and_64_gives_only_200_and_deliberate_503_and_bou
     assert peak < 1.5 * idle, f"peak RSS {peak / 1e6:.0f} MB vs idle {idle / 1e6:.0f} MB"
 
 
-def test_idle_and_slow_clients_are_closed_and_cost_no_threads(server: Server) -> None:
+def test_idle_and_slow_clients_are_closed_and_cost_no_threads(server: ServerProcess) -> None:
     threads = server.ps.num_threads()
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
     slow = []

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import http.client
 import io
+import re
 import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
+
+import psutil
 
 BOUNDARY = "vlmexport-load-boundary"
 
@@ -116,3 +122,44 @@ def _server_ms(headers: dict[str, str]) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+class ServerProcess:
+    """`vlmexport serve` in its own process on a free port, its URL read from what it prints;
+    its RSS and peak RSS readable (a load test must not measure its own memory)."""
+
+    def __init__(self, onnx_dir: Path, *options: str) -> None:
+        command = [sys.executable, "-m", "vlmexport", "serve", "--onnx-dir", str(onnx_dir), "--port", "0", "--quiet", *options]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        match = re.search(r"(http://localhost:\d+)/", line)
+        if not match:
+            self.process.kill()
+            raise RuntimeError(f"the server did not start: {line!r} {self.process.stderr.read() if self.process.stderr else ''}")
+        self.url = match.group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.ps = psutil.Process(self.process.pid)
+
+    def rss(self) -> int:
+        return self.ps.memory_info().rss
+
+    def reset_peak(self) -> bool:
+        """Reset the kernel's peak RSS (VmHWM) of the server; False where that is not allowed."""
+        try:
+            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def peak(self) -> int:
+        """Peak RSS in bytes since the start or the last `reset_peak` (Linux)."""
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{self.process.pid}/status").read_text())
+        return int(found.group(1)) * 1024 if found else self.rss()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
