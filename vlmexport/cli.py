@@ -19,6 +19,7 @@ from rich.table import Table
 from vlmexport.errors import EXIT_USAGE, VlmExportError
 
 if TYPE_CHECKING:  # imported lazily at run time: the CLI starts without torch
+    from vlmexport.checkpoint.generate import DecodeOptions
     from vlmexport.checkpoint.merge import MergeReport
 
 app = typer.Typer(
@@ -133,7 +134,10 @@ def inspect(onnx_dir: Annotated[Path, typer.Argument(help="bundle folder")]) -> 
 
 @app.command()
 def caption(
-    images: Annotated[list[Path], typer.Argument(help="image files")],
+    images: Annotated[list[Path] | None, typer.Argument(help="image files", show_default=False)] = None,
+    images_dir: Annotated[Path | None, typer.Option("--images", help="a folder of images (recursive), captioned into --output")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="with --images: JSON Lines file, one {image, caption, tokens} a line; a rerun resumes")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="with --images: worker processes (0: one per core)")] = 0,
     onnx_dir: Annotated[Path | None, typer.Option("--onnx-dir", help="ONNX bundle folder (onnx backend)")] = None,
     variant: Annotated[str | None, typer.Option("--variant", help="bundle variant: fp32 (default), int8, ...")] = None,
     model_dir: Annotated[Path | None, typer.Option("--model-dir", help="checkpoint folder (torch backend)")] = None,
@@ -154,6 +158,7 @@ def caption(
     """Caption images with an ONNX bundle or the PyTorch model: greedy, beam search or sampling.
 
     Example: vlmexport caption --onnx-dir onnx --variant int8 --num-beams 3 photo.jpg
+    Example: vlmexport caption --onnx-dir onnx --images photos/ --output captions.jsonl
     """
     from vlmexport.checkpoint.caption import caption_images_torch
     from vlmexport.checkpoint.generate import options_from_flags
@@ -173,6 +178,16 @@ def caption(
         max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_k=top_k,
         top_p=top_p, seed=seed, length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
     )
+    if (images_dir is None) == (not images):
+        raise UsageError("pass image files or --images FOLDER", "one of them, not both")
+    if (images_dir is None) != (output is None):
+        raise UsageError("--images and --output go together", "pass both: --images FOLDER --output captions.jsonl")
+    if images_dir is not None and output is not None:
+        if onnx_dir is None or as_json:
+            raise UsageError("--images captions with an ONNX bundle into --output", "pass --onnx-dir (and no --json: the output is JSON Lines)")
+        _caption_folder(onnx_dir, images_dir, output, variant or "fp32", options, workers)
+        return
+    images = images or []
     if onnx_dir is not None:
         captions = caption_images(onnx_dir, images, variant or "fp32", options)
     else:
@@ -361,6 +376,31 @@ def quantize(
         error = report.check.parity_error()
         if error is not None:
             raise error  # the variant stays, marked failed in the manifest; main exits 1
+
+
+def _caption_folder(onnx_dir: Path, images_dir: Path, output: Path, variant: str, options: DecodeOptions, workers: int) -> None:
+    """`caption --images`: a progress bar while the folder is captioned, then one summary line."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from vlmexport.errors import ImageError
+    from vlmexport.runtime.batch import caption_folder
+
+    columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("caption", total=None)
+        report = caption_folder(onnx_dir, images_dir, output, variant, options, workers, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    rate = f", {report.captioned / report.seconds:.1f} images/s on {report.workers} worker(s)" if report.captioned and report.seconds else ""
+    out.print(f"{report.captioned} captioned, {report.skipped} already in {output}, {len(report.failures)} failed{rate}", markup=False, highlight=False)
+    if report.failures:
+        image, problem = report.failures[0]
+        raise ImageError(f"{len(report.failures)} image(s) could not be captioned (first: {problem})", f"their lines in {output} carry the error; fix or remove them and run again")
 
 
 def _print_captions(images: list[Path], captions: list[str], as_json: bool) -> None:
