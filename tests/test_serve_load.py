@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import socket
 import struct
 import threading
@@ -216,4 +215,4 @@ def test_idle_and_slow_clients_are_closed_and_cost_no_threads(server: ServerProc
     finally:
         for sock in [*idle, *slow, body_late]:
             sock.close()
-    assert os.environ.get("CI") != "true" or server.process.poll() is None
+    assert server.process.poll() is None  # still serving
