@@ -8,6 +8,7 @@ import http.client
 import io
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from vlmexport.runtime.caption import caption_images
 from vlmexport.samples import sample_images
 from vlmexport.serve.hosts import host_policy
 from vlmexport.serve.load import multipart
-from vlmexport.serve.server import VENDOR, VlmServer, make_server
+from vlmexport.serve.server import VENDOR, Settings, VlmServer, make_server
 
 
 @pytest.fixture(scope="module")
@@ -357,3 +358,32 @@ def test_the_captioner_api_captions_paths_arrays_bytes_and_batches(bundle: Path,
     assert list(batch["caption"]) == expected and list(batch["path"]) == [str(p) for p in images]
     with pytest.raises(ImageError, match="no `image` or `bytes` column"):
         captioner({"text": np.asarray(["x"])})
+
+
+def test_beyond_the_pool_and_its_queue_requests_get_503_with_retry_after_at_once(bundle: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    with running_server(bundle, settings=Settings(workers=1, queue=1)) as server:
+        release, entered = threading.Event(), threading.Semaphore(0)
+        real = server.service.caption
+
+        def held(*args, **kwargs):
+            entered.release()
+            release.wait(30)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(server.service, "caption", held)
+        answers: list[int] = []
+        clients = [threading.Thread(target=lambda: answers.append(post_caption(server, images[0].read_bytes())[0])) for _ in range(2)]
+        for client in clients:
+            client.start()
+        assert entered.acquire(timeout=30)  # one running, and one more admitted to the queue:
+        deadline = time.monotonic() + 30
+        while server.service.pending < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        body, form = multipart({}, {"image": ("photo.png", images[0].read_bytes())})
+        status, headers, data = request(server, "POST", "/caption", body, form)  # the third is refused, not queued
+        assert status == 503 and int(headers["retry-after"]) >= 1 and "busy" in json.loads(data)["error"]
+        release.set()
+        for client in clients:
+            client.join(60)
+        assert answers == [200, 200]
+        assert json.loads(request(server, "GET", "/health")[2])["pending"] == 0
