@@ -15,6 +15,7 @@ body's deadline is the app's (408).
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -122,6 +123,9 @@ def make_server(
     """
     onnx_dir = Path(onnx_dir)
     settings = settings or Settings()
+    # python-multipart logs a warning per malformed form, with bytes of it; the access log already
+    # records each refusal, once, escaped.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     if settings.workers < 0 or settings.queue_size < 0 or settings.max_beams < 1 or settings.client_timeout <= 0:
         raise UsageError("--workers, --queue must be ≥ 0, --max-beams ≥ 1 and --client-timeout > 0", "pass values in range")
     read_manifest(onnx_dir)
