@@ -18,6 +18,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from vlmexport.checkpoint.generate import DecodeOptions
 from vlmexport.errors import ImageError, UsageError, VlmExportError
 from vlmexport.exporter.manifest import read_manifest
@@ -162,7 +164,8 @@ def _start_worker(onnx_dir: Path, variant: str, options: DecodeOptions, threads:
 def _caption_batch(folder: Path, names: list[str]) -> list[Line]:
     """One line per image: its caption, or the error that stopped it (the others still captioned)."""
     captioner = _WORKER[0]
-    opened, lines = {}, {}
+    opened: dict[str, Image.Image] = {}
+    lines: dict[str, Line] = {}
     for name in names:
         try:
             opened[name] = to_image(folder / name)
