@@ -6,6 +6,7 @@ clients closed, and the server's peak RSS under 1.5 × its idle RSS."""
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import socket
@@ -197,6 +198,13 @@ def test_idle_and_slow_clients_are_closed_and_cost_no_threads(server: ServerProc
         sock = socket.create_connection(("127.0.0.1", server.port))
         sock.sendall(b"POST /caption HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # a head that never ends
         slow.append(sock)
+    refused = socket.create_connection(("127.0.0.1", server.port))  # answered before its body is read, then idle
+    refused.sendall(b"POST /caption HTTP/1.1\r\nHost: attacker.example\r\nContent-Type: image/png\r\nContent-Length: 5\r\n\r\n")
+    response = http.client.HTTPResponse(refused)
+    response.begin()
+    assert response.status == 403 and response.read()
+    refused.sendall(b"12345")
+    idle.append(refused)
     body_late = socket.create_connection(("127.0.0.1", server.port))
     body_late.sendall(b"POST /caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
     started = time.monotonic()

@@ -48,7 +48,10 @@ class ClientTimeoutProtocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE and self._head_deadline is not None:
+        if self.conn.their_state is h11.IDLE:
+            if self._head_deadline is None:
+                self._arm()  # a new cycle began in there (the body of a request answered early ended)
+        elif self._head_deadline is not None:
             self._head_deadline.cancel()  # the head is in: the app times the body
             self._head_deadline = None
 
