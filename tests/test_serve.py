@@ -4,6 +4,7 @@ MIME types and cross-origin headers ONNX Runtime Web needs."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import json
@@ -26,8 +27,10 @@ from vlmexport.exporter.manifest import read_manifest
 from vlmexport.runtime import Captioner
 from vlmexport.runtime.caption import caption_images
 from vlmexport.samples import sample_images
+from vlmexport.serve.app import _parse_budget
 from vlmexport.serve.hosts import host_policy
 from vlmexport.serve.load import multipart
+from vlmexport.serve.problems import RequestError
 from vlmexport.serve.server import VENDOR, Settings, VlmServer, make_server
 
 
@@ -387,3 +390,21 @@ def test_beyond_the_pool_and_its_queue_requests_get_503_with_retry_after_at_once
             client.join(60)
         assert answers == [200, 200]
         assert json.loads(request(server, "GET", "/health")[2])["pending"] == 0
+
+
+def test_parsing_a_form_has_a_time_budget_that_network_waits_do_not_use() -> None:
+    async def chunks(pause: float):
+        for _ in range(3):
+            await asyncio.sleep(pause)  # the network: not counted
+            yield b"x" * 10
+
+    async def consume(pause_network: float, work: float) -> int:
+        count = 0
+        async for _ in _parse_budget(chunks(pause_network), 0.05):
+            time.sleep(work)  # the parser: counted
+            count += 1
+        return count
+
+    assert asyncio.run(consume(0.05, 0.0)) == 3
+    with pytest.raises(RequestError, match="the form took over 0.05 s to parse"):
+        asyncio.run(consume(0.0, 0.03))

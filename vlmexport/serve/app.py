@@ -22,7 +22,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import anyio
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -153,10 +154,11 @@ def create_app(service: CaptionService, hosts: HostPolicy, log: Callable[[str], 
 
 async def _upload(request: Request, max_bytes: int, timeout: float, parse_timeout: float) -> tuple[bytes, dict[str, str]]:
     """(image bytes, fields) of a POST: the body refused unread when absent or too large, read
-    within `timeout`, a multipart form parsed within `parse_timeout` under field and part limits.
+    within `timeout`; a multipart form parsed as it arrives, under field and part limits and
+    `parse_timeout` seconds of parsing.
 
     Raises:
-        RequestError: 411, 413, 408 or 400, naming the problem.
+        RequestError: 411, 413, 408, 415 or 400, naming the problem.
     """
     close = {"Connection": "close"}  # the body may be unread: it must not be parsed as the next request
     if "chunked" in request.headers.get("transfer-encoding", "").lower():
@@ -168,36 +170,38 @@ async def _upload(request: Request, max_bytes: int, timeout: float, parse_timeou
         raise RequestError(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"upload of {int(length_header)} bytes is over the {max_bytes / 1e6:g} MB limit", "send a smaller image", close
         )
+    fields = {key: value for key, value in request.query_params.items()}
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type and not content_type.startswith(("multipart/form-data", *RAW_TYPES)):
+        raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type {_printable(content_type)[:60]} is not an image", "send multipart/form-data or image/*", close)
     try:
         with anyio.fail_after(timeout):
+            if content_type.startswith("multipart/form-data"):
+                return await _form(request, fields, parse_timeout)
             body = await request.body()
     except TimeoutError:
         raise RequestError(HTTPStatus.REQUEST_TIMEOUT, f"the upload took over {timeout:g} s", "send the request at once", close) from None
-    fields = {key: value for key, value in request.query_params.items()}
-    content_type = request.headers.get("content-type", "").lower()
-    if not content_type.startswith("multipart/form-data"):
-        if not body:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "empty body", "POST an image file (multipart field `image`, or the raw bytes)")
-        if content_type and not content_type.startswith(RAW_TYPES):
-            raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Type {_printable(content_type)[:60]} is not an image", "send multipart/form-data or image/*")
-        return body, fields
-    return await _form(request, fields, parse_timeout)
+    if not body:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "empty body", "POST an image file (multipart field `image`, or the raw bytes)")
+    return body, fields
 
 
 async def _form(request: Request, fields: dict[str, str], parse_timeout: float) -> tuple[bytes, dict[str, str]]:
+    """The image and fields of a multipart form, parsed chunk by chunk as the body arrives (a file
+    part goes to disk past 1 MB: a 19 MB part costs no 19 MB copies before its bytes are read)."""
+    fix = "send one file field `image` and the documented fields"
+    # One file, the known fields (and a few to spare, so a typo is named, not counted), small parts.
+    parser = MultiPartParser(request.headers, _parse_budget(request.stream(), parse_timeout), max_files=1, max_fields=len(FIELDS) + 4, max_part_size=4096)
     try:
-        with anyio.fail_after(parse_timeout):
-            # One file, the known fields (and a few to spare, so a typo is named, not counted), small parts.
-            form = await request.form(max_files=1, max_fields=len(FIELDS) + 4, max_part_size=4096)
-    except HTTPException as exc:  # python-multipart's limits, as Starlette reports them (no field names)
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"bad multipart form: {exc.detail}", "send one file field `image` and the documented fields") from None
-    except TimeoutError:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"the form took over {parse_timeout:g} s to parse", "send one file field `image` and the documented fields") from None
+        form = await parser.parse()
+    except MultiPartException as exc:  # python-multipart's limits, as Starlette words them (no field names)
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"bad multipart form: {exc.message}", fix) from None
     image = None
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             if name == "image" or image is None:
                 image = await value.read()
+            await value.close()
         elif name == "image":
             raise RequestError(HTTPStatus.BAD_REQUEST, "the field `image` is text, not a file", "send the file as an upload (curl -F image=@photo.png)")
         else:
@@ -205,6 +209,18 @@ async def _form(request: Request, fields: dict[str, str], parse_timeout: float) 
     if image is None:
         raise RequestError(HTTPStatus.BAD_REQUEST, "no image in the form", "send the file in a multipart field named `image`")
     return image, fields
+
+
+async def _parse_budget(stream: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:
+    """The body's chunks, timing the parser's work on each (from a chunk handed over to the next
+    one asked for): past `seconds` in all, a 400. Waiting for the network is not counted."""
+    spent = 0.0
+    async for chunk in stream:
+        handed = time.perf_counter()
+        yield chunk
+        spent += time.perf_counter() - handed
+        if spent > seconds:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"the form took over {seconds:g} s to parse", "send one file field `image` and the documented fields", {"Connection": "close"})
 
 
 def problem(status: HTTPStatus, message: str, fix: str | None = None, headers: dict[str, str] | None = None, field: str | None = None) -> JSONResponse:
