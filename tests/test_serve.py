@@ -100,8 +100,12 @@ def test_decoding_fields_in_the_form_or_query_reach_the_runtime(server: VlmServe
         (b"", {"Content-Type": "image/png"}, 400, "empty body"),
         (multipart({"note": "x"}, {})[0], multipart({}, {})[1], 400, "no image in the form"),
         (multipart({}, {"image": ("x.txt", b"plain text")})[0], multipart({}, {})[1], 400, "not a readable image"),
+        (b"a=b", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "is not an image"),
+        (multipart({}, {"image": ("a.png", b"x"), "other": ("b.png", b"y")})[0], multipart({}, {})[1], 400, "Too many files"),
+        (multipart({"image": "text"}, {})[0], multipart({}, {})[1], 400, "the field `image` is text"),
+        (multipart({"note": "x" * 5000}, {"image": ("a.png", b"x")})[0], multipart({}, {})[1], 400, "Part exceeded maximum size"),
     ],
-    ids=["not-an-image", "empty", "form-without-image", "text-file-in-form"],
+    ids=["not-an-image", "empty", "form-without-image", "text-file-in-form", "urlencoded", "two-files", "image-as-text", "long-field"],
 )
 def test_bad_uploads_get_400_with_a_json_error_and_the_server_goes_on(server: VlmServer, images: list[Path], body: bytes, headers: dict, status: int, message: str) -> None:
     got, response_headers, data = request(server, "POST", "/caption", body, headers)
