@@ -195,7 +195,7 @@ async def _form(request: Request, fields: dict[str, str], parse_timeout: float) 
     try:
         form = await parser.parse()
     except MultiPartException as exc:  # python-multipart's limits, as Starlette words them (no field names)
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"bad multipart form: {exc.message}", fix) from None
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"bad multipart form: {exc.message}", fix, {"Connection": "close"}) from None  # the rest is unread
     image = None
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
