@@ -22,7 +22,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -211,7 +211,7 @@ async def _form(request: Request, fields: dict[str, str], parse_timeout: float) 
     return image, fields
 
 
-async def _parse_budget(stream: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:
+async def _parse_budget(stream: AsyncIterator[bytes], seconds: float) -> AsyncGenerator[bytes, None]:
     """The body's chunks, timing the parser's work on each (from a chunk handed over to the next
     one asked for): past `seconds` in all, a 400. Waiting for the network is not counted."""
     spent = 0.0
