@@ -4,26 +4,34 @@ MIME types and cross-origin headers ONNX Runtime Web needs."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from serving import require, running_server
 
 from vlmexport.bundle.decoding import DecodeOptions
 from vlmexport.bundle.manifest import read_manifest
 from vlmexport.cli import main
-from vlmexport.errors import BundleError, UsageError
+from vlmexport.errors import BundleError, ImageError, UsageError
 from vlmexport.exporter.export import export_bundle
+from vlmexport.runtime import Captioner
 from vlmexport.runtime.caption import caption_images
 from vlmexport.samples import sample_images
-from vlmexport.serve.server import VENDOR, VlmServer, make_server
-
-BOUNDARY = "vlmexport-test-boundary"
+from vlmexport.serve.app import _parse_budget
+from vlmexport.serve.hosts import host_policy
+from vlmexport.serve.load import multipart
+from vlmexport.serve.problems import RequestError
+from vlmexport.serve.server import VENDOR, Settings, VlmServer, make_server
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +68,6 @@ def request(server: VlmServer, method: str, path: str, body: bytes | None = None
         connection.close()
 
 
-def multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, dict[str, str]]:
-    out = io.BytesIO()
-    for name, value in fields.items():
-        out.write(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    for name, (filename, data) in files.items():
-        out.write(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode())
-        out.write(data + b"\r\n")
-    out.write(f"--{BOUNDARY}--\r\n".encode())
-    return out.getvalue(), {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-
-
 def post_caption(server: VlmServer, image: bytes, path: str = "/caption", **fields: str) -> tuple[int, dict]:
     body, headers = multipart(fields, {"image": ("photo.png", image)})
     status, _, data = request(server, "POST", path, body, headers)
@@ -103,8 +100,12 @@ def test_decoding_fields_in_the_form_or_query_reach_the_runtime(server: VlmServe
         (b"", {"Content-Type": "image/png"}, 400, "empty body"),
         (multipart({"note": "x"}, {})[0], multipart({}, {})[1], 400, "no image in the form"),
         (multipart({}, {"image": ("x.txt", b"plain text")})[0], multipart({}, {})[1], 400, "not a readable image"),
+        (b"a=b", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "is not an image"),
+        (multipart({}, {"image": ("a.png", b"x"), "other": ("b.png", b"y")})[0], multipart({}, {})[1], 400, "Too many files"),
+        (multipart({"image": "text"}, {})[0], multipart({}, {})[1], 400, "the field `image` is text"),
+        (multipart({"note": "x" * 5000}, {"image": ("a.png", b"x")})[0], multipart({}, {})[1], 400, "Part exceeded maximum size"),
     ],
-    ids=["not-an-image", "empty", "form-without-image", "text-file-in-form"],
+    ids=["not-an-image", "empty", "form-without-image", "text-file-in-form", "urlencoded", "two-files", "image-as-text", "long-field"],
 )
 def test_bad_uploads_get_400_with_a_json_error_and_the_server_goes_on(server: VlmServer, images: list[Path], body: bytes, headers: dict, status: int, message: str) -> None:
     got, response_headers, data = request(server, "POST", "/caption", body, headers)
@@ -118,19 +119,30 @@ def test_bad_uploads_get_400_with_a_json_error_and_the_server_goes_on(server: Vl
     ("fields", "message"),
     [
         ({"variant": "int8"}, "variant 'int8' is not in this bundle"),
-        ({"num_beams": "many"}, "num_beams='many' is not a number"),
-        ({"num_beams": "0"}, "num_beams must be at least 1"),
-        ({"top_p": "1.5", "do_sample": "1"}, "top_p must be in (0, 1]"),
-        ({"beams": "2"}, "unknown field(s) beams"),
+        ({"num_beams": "many"}, "num_beams must be an integer from 1 to 4 (got 'many')"),
+        ({"num_beams": "0"}, "num_beams must be from 1 to 4 (got 0)"),
+        ({"num_beams": "10000"}, "num_beams must be from 1 to 4 (got 10000)"),
+        ({"max_new_tokens": "100000"}, "max_new_tokens must be from 1 to 8 (got 100000)"),  # the tiny model's max_length
+        ({"num_beams": "4", "max_new_tokens": "1_000"}, "max_new_tokens must be an integer"),
+        ({"top_p": "1.5", "do_sample": "1"}, "top_p must be a finite number in (0, 1] (got '1.5')"),
+        ({"seed": "-1", "do_sample": "true"}, "seed must be from 0 to 4294967295 (got -1)"),
+        ({"temperature": "inf", "do_sample": "true"}, "temperature must be a finite number in (0, 100] (got 'inf')"),
+        ({"temperature": "nan", "do_sample": "true"}, "temperature must be a finite number"),
+        ({"do_sample": "maybe"}, "do_sample must be true or false (got 'maybe')"),
+        ({"temperature": "0.7"}, "temperature applies only to sampling"),
+        ({"length_penalty": "2"}, "length_penalty applies only to beam search"),
+        ({"early_stopping": "soon", "num_beams": "2"}, "early_stopping must be true, false or never (got 'soon')"),
+        ({"beams": "2"}, "unknown field(s) 'beams'"),
     ],
 )
-def test_bad_options_get_400_naming_the_problem(server: VlmServer, images: list[Path], fields: dict[str, str], message: str) -> None:
+def test_bad_options_get_400_naming_the_problem_and_the_field(server: VlmServer, images: list[Path], fields: dict[str, str], message: str) -> None:
     status, body = post_caption(server, images[0].read_bytes(), **fields)
     assert status == 400 and message in body["error"], body
+    assert body.get("field") in fields or fields == {"variant": "int8"}
 
 
 def test_uploads_over_the_limit_get_413_without_being_read(server: VlmServer, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server, "max_upload_bytes", 100)
+    monkeypatch.setattr(server.service, "settings", replace(server.service.settings, max_upload_bytes=100))
     status, headers, data = request(server, "POST", "/caption", images[0].read_bytes(), {"Content-Type": "image/png"})
     assert status == 413 and "over the 0.0001 MB limit" in json.loads(data)["error"]
     assert headers.get("connection") == "close"  # the unread body must not be parsed as a request
@@ -254,3 +266,149 @@ def test_a_bundle_changed_while_serving_serves_its_new_manifest(server: VlmServe
         manifest.files.pop("extra.json", None)
         manifest.write(bundle)
         extra.unlink()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Host": "attacker.example"}, 403),  # DNS rebinding: the page's name, our address
+        ({"Host": "attacker.example:8000"}, 403),
+        ({"Host": "localhost:1:2"}, 403),
+        ({"Origin": "http://attacker.example"}, 403),  # a cross-origin POST from a page
+        ({"Origin": "null"}, 403),
+        ({"Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Host": "localhost"}, 200),
+        ({"Host": "app.localhost"}, 200),
+    ],
+)
+def test_host_header_and_cross_origin_posts_are_checked(server: VlmServer, images: list[Path], headers: dict[str, str], status: int) -> None:
+    body, form = multipart({}, {"image": ("photo.png", images[0].read_bytes())})
+    got, response_headers, data = request(server, "POST", "/caption", body, {**form, **headers})
+    assert got == status, data
+    assert response_headers["cross-origin-embedder-policy"] == "require-corp"  # on refusals too
+    if status == 403:
+        assert "Host" in json.loads(data)["error"] or "cross-origin" in json.loads(data)["error"]
+    assert request(server, "GET", "/health", headers={"Host": "attacker.example"})[0] == 403
+
+
+def test_same_origin_post_from_the_served_page_is_accepted(server: VlmServer, images: list[Path]) -> None:
+    host = f"127.0.0.1:{server.server_address[1]}"
+    body, form = multipart({}, {"image": ("photo.png", images[0].read_bytes())})
+    assert request(server, "POST", "/caption", body, {**form, "Host": host, "Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"})[0] == 200
+
+
+def test_host_policy_widens_only_as_asked() -> None:
+    local = host_policy("127.0.0.1")
+    assert local.allows("localhost:8000") and local.allows("[::1]:8000") and not local.allows("192.168.1.5")
+    anywhere = host_policy("0.0.0.0")
+    assert anywhere.allows("192.168.1.5:8000") and anywhere.allows("[fe80::1]") and not anywhere.allows("attacker.example")
+    assert host_policy("127.0.0.1", ["captions.lan"]).allows("captions.lan:80") and host_policy("127.0.0.1", ["*"]).allows("anything.example")
+
+
+def test_health_openapi_and_docs_describe_the_server_and_its_limits(server: VlmServer) -> None:
+    status, _, data = request(server, "GET", "/health")
+    health = json.loads(data)
+    assert status == 200 and health["status"] == "ok" and health["variants"] == ["fp32"] and health["workers"] >= 1
+    assert health["max_new_tokens"] == 8 and health["max_beams"] == 4  # the tiny model's max_length; the default beam cap
+    schema = json.loads(request(server, "GET", "/openapi.json")[2])
+    post = schema["paths"]["/caption"]["post"]
+    fields = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert {"image", "num_beams", "max_new_tokens", "do_sample", "seed", "temperature"} <= set(fields)
+    assert fields["num_beams"]["maximum"] == 4 and fields["max_new_tokens"]["maximum"] == 8
+    assert {"400", "403", "413", "503"} <= set(post["responses"])
+    status, headers, page = request(server, "GET", "/docs")
+    assert status == 200 and headers["content-type"].startswith("text/html") and b"POST /caption" in page and b"https://" not in page
+
+
+def test_bundle_files_have_etags_and_ranges(server: VlmServer, bundle: Path) -> None:
+    status, headers, data = request(server, "GET", "/bundle/vlmexport.json")
+    assert status == 200 and headers["etag"] and headers["accept-ranges"] == "bytes"
+    assert request(server, "GET", "/bundle/vlmexport.json", headers={"If-None-Match": headers["etag"]})[0] == 304
+    assert request(server, "GET", "/bundle/vlmexport.json", headers={"If-None-Match": '"other"'})[0] == 200
+    status, ranged, part = request(server, "GET", "/bundle/projection.onnx", headers={"Range": "bytes=10-29"})
+    assert status == 206 and part == (bundle / "projection.onnx").read_bytes()[10:30]
+    assert ranged["content-range"].startswith("bytes 10-29/")
+    status, headers, _ = request(server, "HEAD", "/bundle/projection.onnx")
+    assert status == 200 and int(headers["content-length"]) == (bundle / "projection.onnx").stat().st_size
+
+
+def test_a_16_bit_png_is_captioned_like_its_8_bit_copy(server: VlmServer, images: list[Path]) -> None:
+    eight = np.asarray(Image.open(images[1]).convert("L"))
+    sixteen = Image.fromarray(eight.astype(np.uint16) * 257)  # 255 → 65535, exactly
+    assert sixteen.mode == "I;16"
+    buffers = {}
+    for name, image in (("8", Image.fromarray(eight)), ("16", sixteen)):
+        buffers[name] = io.BytesIO()
+        image.save(buffers[name], "PNG")
+    captions = {name: post_caption(server, buffer.getvalue())[1]["caption"] for name, buffer in buffers.items()}
+    white = io.BytesIO()
+    Image.fromarray(np.full_like(eight, 255)).save(white, "PNG")
+    assert captions["16"] == captions["8"] != post_caption(server, white.getvalue())[1]["caption"]  # not read as all white
+
+
+def test_the_access_log_escapes_control_characters(bundle: Path) -> None:
+    lines: list[str] = []
+    with running_server(bundle, log=lines.append) as server:
+        request(server, "GET", "/bundle/x%0d%0aFAKE%201.2.3.4%20%22GET%20/%22%20200%1b[31m")
+        request(server, "GET", "/health")
+    assert len(lines) == 2 and all("\r" not in line and "\n" not in line and "\x1b" not in line for line in lines)
+    assert "\\r\\nFAKE" in lines[0] and "\\x1b[31m" in lines[0] and lines[0].endswith(tuple(f"{n} ms" for n in range(100000)))
+
+
+def test_the_captioner_api_captions_paths_arrays_bytes_and_batches(bundle: Path, images: list[Path]) -> None:
+    expected = caption_images(bundle, images, batch_size=1)
+    captioner = Captioner(bundle, threads=1)
+    assert captioner.caption(images) == expected
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    assert captioner.caption([arrays[0], images[1].read_bytes(), str(images[2])]) == expected
+    batch = captioner({"path": np.asarray([str(p) for p in images]), "image": np.asarray(arrays)})
+    assert list(batch["caption"]) == expected and list(batch["path"]) == [str(p) for p in images]
+    with pytest.raises(ImageError, match="no `image` or `bytes` column"):
+        captioner({"text": np.asarray(["x"])})
+
+
+def test_beyond_the_pool_and_its_queue_requests_get_503_with_retry_after_at_once(bundle: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    with running_server(bundle, settings=Settings(workers=1, queue=1)) as server:
+        release, entered = threading.Event(), threading.Semaphore(0)
+        real = server.service.caption
+
+        def held(*args, **kwargs):
+            entered.release()
+            release.wait(30)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(server.service, "caption", held)
+        answers: list[int] = []
+        clients = [threading.Thread(target=lambda: answers.append(post_caption(server, images[0].read_bytes())[0])) for _ in range(2)]
+        for client in clients:
+            client.start()
+        assert entered.acquire(timeout=30)  # one running, and one more admitted to the queue:
+        deadline = time.monotonic() + 30
+        while server.service.pending < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        body, form = multipart({}, {"image": ("photo.png", images[0].read_bytes())})
+        status, headers, data = request(server, "POST", "/caption", body, form)  # the third is refused, not queued
+        assert status == 503 and int(headers["retry-after"]) >= 1 and "busy" in json.loads(data)["error"]
+        release.set()
+        for client in clients:
+            client.join(60)
+        assert answers == [200, 200]
+        assert json.loads(request(server, "GET", "/health")[2])["pending"] == 0
+
+
+def test_parsing_a_form_has_a_time_budget_that_network_waits_do_not_use() -> None:
+    async def chunks(pause: float):
+        for _ in range(3):
+            await asyncio.sleep(pause)  # the network: not counted
+            yield b"x" * 10
+
+    async def consume(pause_network: float, work: float) -> int:
+        count = 0
+        async for _ in _parse_budget(chunks(pause_network), 0.05):
+            time.sleep(work)  # the parser: counted
+            count += 1
+        return count
+
+    assert asyncio.run(consume(0.05, 0.0)) == 3
+    with pytest.raises(RequestError, match="the form took over 0.05 s to parse"):
+        asyncio.run(consume(0.0, 0.03))

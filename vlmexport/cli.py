@@ -19,6 +19,7 @@ from rich.table import Table
 from vlmexport.errors import EXIT_USAGE, VlmExportError
 
 if TYPE_CHECKING:  # imported lazily at run time: the CLI starts without torch
+    from vlmexport.bundle.decoding import DecodeOptions
     from vlmexport.checkpoint.merge import MergeReport
 
 app = typer.Typer(
@@ -136,7 +137,10 @@ def inspect(onnx_dir: Annotated[Path, typer.Argument(help="bundle folder")]) -> 
 
 @app.command()
 def caption(
-    images: Annotated[list[Path], typer.Argument(help="image files")],
+    images: Annotated[list[Path] | None, typer.Argument(help="image files", show_default=False)] = None,
+    images_dir: Annotated[Path | None, typer.Option("--images", help="a folder of images (recursive), captioned into --output")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="with --images: JSON Lines file, one {image, caption, tokens} a line; a rerun resumes")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="with --images: worker processes (0: one per core)")] = 0,
     onnx_dir: Annotated[Path | None, typer.Option("--onnx-dir", help="ONNX bundle folder (onnx backend)")] = None,
     variant: Annotated[str | None, typer.Option("--variant", help="bundle variant: fp32 (default), int8, ...")] = None,
     model_dir: Annotated[Path | None, typer.Option("--model-dir", help="checkpoint folder (torch backend)")] = None,
@@ -157,6 +161,7 @@ def caption(
     """Caption images with an ONNX bundle or the PyTorch model: greedy, beam search or sampling.
 
     Example: vlmexport caption --onnx-dir onnx --variant int8 --num-beams 3 photo.jpg
+    Example: vlmexport caption --onnx-dir onnx --images photos/ --output captions.jsonl
     """
     from vlmexport.bundle.decoding import options_from_flags
     from vlmexport.errors import UsageError
@@ -174,6 +179,16 @@ def caption(
         max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, temperature=temperature, top_k=top_k,
         top_p=top_p, seed=seed, length_penalty=length_penalty, early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size,
     )
+    if (images_dir is None) == (not images):
+        raise UsageError("pass image files or --images FOLDER", "one of them, not both")
+    if (images_dir is None) != (output is None):
+        raise UsageError("--images and --output go together", "pass both: --images FOLDER --output captions.jsonl")
+    if images_dir is not None and output is not None:
+        if onnx_dir is None or as_json:
+            raise UsageError("--images captions with an ONNX bundle into --output", "pass --onnx-dir (and no --json: the output is JSON Lines)")
+        _caption_folder(onnx_dir, images_dir, output, variant or "fp32", options, workers)
+        return
+    images = images or []
     if onnx_dir is not None:
         from vlmexport.runtime.caption import caption_images
 
@@ -286,31 +301,41 @@ def serve(
     onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder")] = Path("onnx"),
     host: Annotated[str, typer.Option("--host", help="address to listen on; the default serves this machine only")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="port (0 picks a free one)")] = 8000,
+    allowed_host: Annotated[list[str] | None, typer.Option("--allowed-host", help="another Host name to answer to (repeatable; * for any)")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="captions at once (0: one per core)")] = 0,
+    queue: Annotated[int | None, typer.Option("--queue", min=0, help="requests waiting beyond those running before 503 (default: 8 per worker)")] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="largest image POST /caption accepts")] = 20,
+    max_megapixels: Annotated[float, typer.Option("--max-megapixels", min=0.001, help="largest image size, read from its header")] = 50,
+    max_beams: Annotated[int, typer.Option("--max-beams", min=1, help="most beams a request may ask for")] = 4,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="most tokens a request may ask for (default: the model's max_length)")] = None,
+    client_timeout: Annotated[float, typer.Option("--client-timeout", min=0.01, help="seconds a client has to send its request")] = 30,
     quiet: Annotated[bool, typer.Option("--quiet", help="no request log")] = False,
 ) -> None:
     """Serve the browser demo (ONNX Runtime Web), the bundle, and POST /caption (Python runtime).
 
     Example: vlmexport serve --onnx-dir onnx --port 8000
     """
-    from vlmexport.serve.server import make_server
+    from vlmexport.serve.server import Settings, make_server
 
     def log(line: str) -> None:
         if not quiet:
             err.print(line, markup=False, highlight=False)
 
-    server = make_server(onnx_dir, host, port, max_upload_bytes=int(max_upload_mb * 1e6), log=log)
+    settings = Settings(
+        max_upload_bytes=int(max_upload_mb * 1e6), max_pixels=int(max_megapixels * 1e6), max_beams=max_beams,
+        max_new_tokens=max_new_tokens, workers=workers, queue=queue, client_timeout=client_timeout,
+    )  # fmt: skip
+    server = make_server(onnx_dir, host, port, settings, log=log, allowed_hosts=allowed_host or ())
     for warning in server.warnings:
         err.print(f"warning: {warning}", markup=False, highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"warning: listening on {host}: anyone who can reach it can use it (there is no authentication)", markup=False, highlight=False)
-    out.print(f"serving {onnx_dir}: demo page {server.url}/ · curl -F image=@photo.png {server.url}/caption · Ctrl-C stops", markup=False, highlight=False, soft_wrap=True)
+    out.print(f"serving {onnx_dir}: demo page {server.url}/ · API {server.url}/docs · curl -F image=@photo.png {server.url}/caption · Ctrl-C stops", markup=False, highlight=False, soft_wrap=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        out.print("stopped")
     finally:
         server.server_close()
+    out.print("stopped")
 
 
 @app.command()
@@ -357,6 +382,31 @@ def quantize(
         error = report.check.parity_error()
         if error is not None:
             raise error  # the variant stays, marked failed in the manifest; main exits 1
+
+
+def _caption_folder(onnx_dir: Path, images_dir: Path, output: Path, variant: str, options: DecodeOptions, workers: int) -> None:
+    """`caption --images`: a progress bar while the folder is captioned, then one summary line."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from vlmexport.errors import ImageError
+    from vlmexport.runtime.batch import caption_folder
+
+    columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("caption", total=None)
+        report = caption_folder(onnx_dir, images_dir, output, variant, options, workers, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    rate = f", {report.captioned / report.seconds:.1f} images/s on {report.workers} worker(s)" if report.captioned and report.seconds else ""
+    out.print(f"{report.captioned} captioned, {report.skipped} already in {output}, {len(report.failures)} failed{rate}", markup=False, highlight=False)
+    if report.failures:
+        image, problem = report.failures[0]
+        raise ImageError(f"{len(report.failures)} image(s) could not be captioned (first: {problem})", f"their lines in {output} carry the error; fix or remove them and run again")
 
 
 def _print_captions(images: list[Path], captions: list[str], as_json: bool) -> None:

@@ -1,1 +1,5 @@
-"""Running a bundle with ONNX Runtime: sessions per component, and the decoding loop."""
+"""Running a bundle with ONNX Runtime: sessions per component, the decoding loop, and `Captioner`."""
+
+from vlmexport.runtime.captioner import Caption, Captioner
+
+__all__ = ["Caption", "Captioner"]

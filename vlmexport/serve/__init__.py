@@ -1,1 +1,1 @@
-"""`vlmexport serve`: the browser demo, prefix_vlm.js and a bundle, plus POST /caption, on localhost."""
+"""`vlmexport serve`: the browser demo, prefix_vlm.js and a bundle, plus POST /caption — a Starlette app on uvicorn, localhost by default."""
