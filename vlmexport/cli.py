@@ -69,7 +69,7 @@ def _merge_summary(report: MergeReport) -> str:
 def export(
     model_dir: ModelDir,
     output_dir: OutputDir = Path("onnx"),
-    layout: Annotated[str, typer.Option("--layout", help="distilvit (what prefix_vlm.js loads) or compact (no weight twice)")] = "distilvit",
+    layout: Annotated[str, typer.Option("--layout", help="distilvit (what prefix_vlm.js loads), compact (no weight twice) or transformers.js (what @huggingface/transformers loads)")] = "distilvit",
     opset: Annotated[
         int | None, typer.Option("--opset", help="ONNX opset 18-23 (default 23: ONNX Attention and RotaryEmbedding ops; 18 for older runtimes)")
     ] = None,

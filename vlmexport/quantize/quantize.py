@@ -24,7 +24,7 @@ from typing import Any
 import onnx
 
 from vlmexport.errors import BundleError, UsageError
-from vlmexport.exporter.manifest import Manifest, read_manifest, variant_path, verify_files
+from vlmexport.exporter.manifest import Manifest, decoder_graphs, read_manifest, variant_path, verify_files
 from vlmexport.exporter.onnx_io import TWO_GB, signature
 from vlmexport.quantize import fp16, integer, smooth
 from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise
@@ -56,7 +56,7 @@ HQQ_RECIPES: dict[str, BlockwiseRecipe] = {
 ENCODER_RECIPES: dict[str, BlockwiseRecipe] = {"int8": BlockwiseRecipe(bits=8, symmetric=False), "q4": BlockwiseRecipe(bits=4, symmetric=True)}
 ENCODERS = ("vision_encoder", "projection")
 RECIPE_NAMES = ("blockwise", "dynamic", "hqq")
-DECODERS = ("decoder", "prefix_init", "language_model")
+DECODERS = ("decoder", "prefix_init", "language_model", "decoder_model_merged")
 # SmoothQuant's α (BlockwiseRecipe.smooth_alpha, smooth.py) for 8-bit decoders: on the real-weights
 # model, 8-bit mean KL 0.0118 unsmoothed, 0.0092 at α 0.3, 0.0056 at 0.4, 0.0071 at 0.5, 0.0131 at 0.7.
 # `--keep-fp32 auto` aims the decoder at this share of the profile's KL bound: the rest is left
@@ -229,7 +229,7 @@ def _check_arguments(
     if keep_fp32 == "auto" and mode == "fp16":
         # The converter keeps every node's name and changes only types: no node has a second form to rank.
         raise UsageError("--keep-fp32 auto ranks quantized nodes; fp16 keeps its measured-hot nodes float32 already", "drop --keep-fp32 for fp16")
-    first_pass = "decoder" if manifest.layout == "compact" else "prefix_init"
+    first_pass = decoder_graphs(manifest.layout)[0]
     if keep_fp32 == "auto" and components is not None and first_pass not in components:
         raise UsageError("--keep-fp32 auto ranks the decoder's nodes, which --components leaves out", f"include {first_pass} in --components")
     available = list(manifest.variants["fp32"])
@@ -311,7 +311,7 @@ def _auto_keep(
     from vlmexport.runtime.bundle import open_bundle
     from vlmexport.validate.profiles import profile_named
 
-    component = "decoder" if manifest.layout == "compact" else "prefix_init"
+    component = decoder_graphs(manifest.layout)[0]
     profile = profile_named(mode)
     step("--keep-fp32 auto: fidelity set (fp32)")
     fset = fidelity_set(onnx_dir)

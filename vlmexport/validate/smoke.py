@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlmexport.exporter.manifest import decoder_graphs
+from vlmexport.exporter.manifest import decoder_graphs, projection_in_vision
 from vlmexport.runtime.runner import Runner
 from vlmexport.validate.metrics import Measurement, present_values, rel_max, rel_mean
 from vlmexport.validate.profiles import Profile, TensorBounds, profile_named
@@ -77,11 +77,14 @@ def _present(name: str, reference: list[np.ndarray], candidate: list[np.ndarray]
     ]
 
 
-def prefix_parity(recorded: SmokeReference, candidate: Runner, profile: Profile | None = None) -> list[Measurement]:
+def prefix_parity(recorded: SmokeReference, candidate: Runner, profile: Profile | None = None, layout: str = "distilvit") -> list[Measurement]:
     """The vision encoder and the projection (the candidate needs only those two), under
-    `profile` (default fp32)."""
+    `profile` (default fp32). Where the layout's vision encoder includes the projection, its
+    output is the prefix, held to the vision encoder's bounds."""
     profile = profile or profile_named("fp32")
     hidden = candidate.vision(recorded.pixel_values)
+    if projection_in_vision(layout):
+        return _relative("vision_encoder", "image_features", recorded.prefix, hidden, profile.vision_encoder)
     out = _relative("vision_encoder", "last_hidden_state", recorded.hidden, hidden, profile.vision_encoder)
     return out + _relative("projection", "projected_prefix", recorded.prefix, candidate.project(recorded.hidden), profile.projection)
 
@@ -92,6 +95,7 @@ def decoder_parity(recorded: SmokeReference, layout: str, first: Pass, stepper: 
     profile = profile or profile_named("fp32")
     out = []
     first_name, later = decoder_graphs(layout)
+    first_name = f"{first_name} first pass" if first_name == later else first_name
     passes = zip(recorded.passes, continue_passes(stepper, first, recorded.tokens))
     for i, ((ref_logits, ref_past), (got_logits, got_past)) in enumerate(passes):
         name = first_name if i == 0 else f"{later} step {i}"
