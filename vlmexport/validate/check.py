@@ -25,7 +25,14 @@ from vlmexport.checkpoint.merge import forced_positions, merge_measurements, mer
 from vlmexport.checkpoint.preprocess import Preprocessor, load_preprocessor, open_image
 from vlmexport.errors import BundleError, ImageError, UsageError
 from vlmexport.exporter.graphs import decoder_shape
-from vlmexport.exporter.manifest import VARIANTS, Manifest, decoder_graphs, projection_in_vision, read_manifest, verify_files
+from vlmexport.exporter.manifest import (
+    VARIANTS,
+    Manifest,
+    decoder_graphs,
+    projection_in_vision,
+    read_manifest,
+    verify_files,
+)
 from vlmexport.exporter.onnx_io import signature
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.generate import greedy
