@@ -1,0 +1,168 @@
+"""Other libraries load a bundle as it is: transformers.js the `transformers.js` layout, optimum
+the distilvit layout's `language_model/`.
+
+The shapes example is exported in the transformers.js layout with an int8 variant; Python
+computes greedy and beam-search tokens with its own runtime, and web/test/transformers_js.test.mjs
+loads the folder with the real @huggingface/transformers (AutoProcessor,
+AutoModelForImageTextToText, generate) from local files and must give the same tokens. Node and
+the npm packages come from web/install-deps.sh: missing, the Node test skips on a developer's
+machine and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving import require
+from transformers import AutoConfig, GenerationConfig
+
+from vlmexport.checkpoint.generate import DecodeOptions
+from vlmexport.checkpoint.load import load_tokenizer
+from vlmexport.checkpoint.preprocess import open_image
+from vlmexport.cli import main
+from vlmexport.exporter.export import export_bundle
+from vlmexport.exporter.library_configs import IMAGE_TOKEN
+from vlmexport.exporter.manifest import read_manifest
+from vlmexport.quantize.quantize import quantize_bundle
+from vlmexport.runtime.bundle import open_bundle
+from vlmexport.runtime.caption import bundle_preprocessor, caption_tokens
+from vlmexport.samples import sample_images
+
+REPO = Path(__file__).resolve().parents[1]
+WEB = REPO / "web"
+SHAPES = REPO / "examples" / "shapes"
+# transformers.js' dtype names of vlmexport's variants (its suffixes: src/utils/dtypes.js).
+DTYPES = {"fp32": "fp32", "int8": "int8"}
+
+
+@pytest.fixture(scope="module")
+def shapes(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """(checkpoint, four images): the trained shapes example and its held-out images, or the tiny
+    test checkpoint and drawn shapes when the example is not in this tree."""
+    model, held_out = SHAPES / "model", sorted((SHAPES / "images").glob("*.png"))[:4]
+    if (model / "config.json").is_file() and len(held_out) == 4:
+        return model, held_out
+    folder = tmp_path_factory.mktemp("tjs-images")
+    images = []
+    for i, image in enumerate(sample_images(4, 64, seed=3)):
+        images.append(folder / f"{i:03d}.png")
+        image.save(images[-1])
+    return make_checkpoint("tjs"), images
+
+
+@pytest.fixture(scope="module")
+def folder(shapes: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shapes model in the transformers.js layout, fp32 and int8 (export verified; int8 unchecked here)."""
+    out = tmp_path_factory.mktemp("tjs") / "shapes-captioner"
+    export_bundle(shapes[0], out, layout="transformers.js")
+    quantize_bundle(out, "int8", verify=False)
+    return out
+
+
+def test_the_folder_has_transformers_js_names_and_a_llava_config(folder: Path) -> None:
+    manifest = read_manifest(folder)
+    assert manifest.variants["fp32"] == {
+        "vision_encoder": "onnx/vision_encoder.onnx",
+        "embed_tokens": "onnx/embed_tokens.onnx",
+        "decoder_model_merged": "onnx/decoder_model_merged.onnx",
+    }
+    assert set(manifest.variants["int8"].values()) == {f"onnx/{n}_int8.onnx" for n in ("vision_encoder", "embed_tokens", "decoder_model_merged")}
+    decoder = manifest.files["onnx/decoder_model_merged.onnx"]
+    names = [i["name"] for i in decoder["inputs"]]
+    assert names[:4] == ["inputs_embeds", "attention_mask", "position_ids", "num_logits_to_keep"] and names[4] == "past_key_values.0.key"
+    assert [o["name"] for o in manifest.files["onnx/vision_encoder.onnx"]["outputs"]] == ["image_features"]
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = load_tokenizer(folder)
+    assert config["model_type"] == "llava" and config["architectures"] == ["LlavaForConditionalGeneration"]
+    assert config["image_token_index"] == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == manifest.model["vocab_size"]
+    processor = json.loads((folder / "processor_config.json").read_text())
+    patches = (manifest.model["image_size"] // processor["patch_size"]) ** 2 + processor["num_additional_image_tokens"]
+    assert patches == manifest.model["prefix_length"]
+    assert json.loads((folder / "preprocessor_config.json").read_text())["processor_class"] == "LlavaProcessor"
+
+
+def test_check_passes_the_transformers_js_layout_and_fails_a_scaled_decoder_weight(folder: Path, shapes, tmp_path: Path, capsys) -> None:
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))
+    report = tmp_path / "report.json"
+    assert main(["check", "--onnx-dir", str(copy), "--model-dir", str(shapes[0]), "--json", str(report)]) == 0
+    components = {m["component"] for m in json.loads(report.read_text())["measurements"]}
+    assert {"vision_encoder", "decoder_model_merged first pass", "decoder_model_merged step 1", "end_to_end"} <= components
+    # The head's weight is the tied embedding: scaling it changes every logit the decoder makes.
+    from test_check import scale_one_weight
+
+    scale_one_weight(copy, "onnx/decoder_model_merged.onnx")
+    assert main(["check", "--onnx-dir", str(copy), "--model-dir", str(shapes[0]), "--json", str(report)]) == 1
+    failing = {m["component"] for m in json.loads(report.read_text())["measurements"] if not m["passed"]}
+    assert "decoder_model_merged first pass" in failing and "vision_encoder" not in failing
+
+
+def b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, np.float32).tobytes()).decode()
+
+
+def python_reference(folder: Path, images: list[Path]) -> dict:
+    """What the Python runtime computes on the folder: tokens per variant, one image at a time."""
+    pixels = bundle_preprocessor(folder)([open_image(p) for p in images])
+    facts = read_manifest(folder).model
+    variants = []
+    for variant, dtype in DTYPES.items():
+        bundle = open_bundle(folder, variant, threads=1)
+        # No repeated word (no_repeat_ngram_size 1): on the shapes model it is where beam search
+        # and greedy part (4 of 4 images); with the defaults they agree on every image.
+        variants.append({
+            "dtype": dtype,
+            "greedy": caption_tokens(bundle, pixels, DecodeOptions(), batch_size=1),
+            "greedy_norepeat": caption_tokens(bundle, pixels, DecodeOptions(no_repeat_ngram_size=1), batch_size=1),
+            "beam3_norepeat": caption_tokens(bundle, pixels, DecodeOptions(num_beams=3, no_repeat_ngram_size=1), batch_size=1),
+        })  # fmt: skip
+    return {
+        "bundle": str(folder),
+        "images": [str(p) for p in images],
+        "pixels": b64(pixels),
+        "pixel_dims": list(pixels.shape),
+        "prefix_length": facts["prefix_length"],
+        "eos": facts["eos_token_id"],
+        "variants": variants,
+    }
+
+
+def test_transformers_js_in_node_gives_python_tokens_greedy_and_beam_fp32_and_int8(folder: Path, shapes, tmp_path: Path) -> None:
+    require(shutil.which("node") is not None, "node")
+    require((WEB / "node_modules" / "@huggingface" / "transformers" / "package.json").is_file(), "web/node_modules (npm ci in web/)")
+    fixture = python_reference(folder, shapes[1])
+    # Captions that differ across images and between greedy and beam search prove the comparison can fail.
+    for variant in fixture["variants"]:
+        assert len({tuple(t) for t in variant["greedy"]}) > 1 and variant["beam3_norepeat"] != variant["greedy_norepeat"]
+    path = tmp_path / "fixture.json"
+    path.write_text(json.dumps(fixture))
+    done = subprocess.run(
+        ["node", "--test", "--test-reporter=tap", "test/transformers_js.test.mjs"],
+        capture_output=True, text=True, timeout=240, cwd=WEB, env={**os.environ, "VLM_TJS_FIXTURE": str(path)},
+    )  # fmt: skip
+    counts = {key: int(value) for key, value in re.findall(r"^# (pass|fail|skipped) (\d+)$", done.stdout, re.M)}
+    assert done.returncode == 0 and counts.get("fail") == 0 and counts.get("pass") == len(DTYPES), done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def test_distilvit_language_model_folder_carries_a_text_config_optimum_can_load(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    """optimum's ORTModelForCausalLM reads config.json and generation_config.json from the
+    subfolder it is given; bench/optimum_check.py loads the folder with optimum itself."""
+    checkpoint = make_checkpoint("llama-siglip_vision_model-linear", text="llama")
+    out = tmp_path / "onnx"
+    export_bundle(checkpoint, out, verify=False)
+    config = AutoConfig.from_pretrained(out / "language_model")
+    root = json.loads((checkpoint / "config.json").read_text())["text_config"]
+    assert config.model_type == "llama" and config.architectures == ["LlamaForCausalLM"]
+    assert (config.vocab_size, config.num_hidden_layers, config.hidden_size) == (root["vocab_size"], root["num_hidden_layers"], root["hidden_size"])
+    generation = GenerationConfig.from_pretrained(out / "language_model")
+    assert generation.eos_token_id == load_tokenizer(out).eos_token_id and generation.do_sample is False
+    manifest = read_manifest(out)
+    assert {"language_model/config.json", "language_model/generation_config.json"} <= set(manifest.files)
