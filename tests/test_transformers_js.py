@@ -40,6 +40,7 @@ from vlmexport.samples import sample_images
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "web"
 SHAPES = REPO / "examples" / "shapes"
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 # transformers.js' dtype names of vlmexport's variants (its suffixes: src/utils/dtypes.js).
 DTYPES = {"fp32": "fp32", "int8": "int8"}
 
@@ -150,6 +151,27 @@ def test_transformers_js_in_node_gives_python_tokens_greedy_and_beam_fp32_and_in
     )  # fmt: skip
     counts = {key: int(value) for key, value in re.findall(r"^# (pass|fail|skipped) (\d+)$", done.stdout, re.M)}
     assert done.returncode == 0 and counts.get("fail") == 0 and counts.get("pass") == len(DTYPES), done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def test_transformers_js_in_chromium_gives_python_tokens_greedy_and_beam_fp32_and_int8(folder: Path, shapes, tmp_path: Path) -> None:
+    """The browser build (onnxruntime-web, WebAssembly) through transformers.js' processor: the
+    page resizes with the browser's canvas, not PIL; on the shapes images the tokens still agree."""
+    require(shutil.which("node") is not None, "node")
+    require(CHROMIUM.is_file(), f"Chromium ({CHROMIUM})")
+    require((WEB / "node_modules" / "playwright-core" / "package.json").is_file(), "web/node_modules (npm ci in web/)")
+    fixture = python_reference(folder, shapes[1])
+    path = tmp_path / "fixture.json"
+    path.write_text(json.dumps(fixture))
+    command = ["node", "test/transformers_js_browser.mjs", "--fixture", str(path), "--dtype", ",".join(DTYPES.values())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=WEB)
+    assert done.returncode == 0, done.stderr[-4000:]
+    page = json.loads(done.stdout.strip().splitlines()[-1])
+    assert page["outside"] == [] and not [m for m in page["messages"] if m.startswith(("error", "pageerror"))], page
+    for variant in fixture["variants"]:
+        result = page["results"][variant["dtype"]]
+        assert result["className"] == "LlavaForConditionalGeneration"
+        assert result["greedy"] == variant["greedy"], (variant["dtype"], result)
+        assert result["beam"] == variant["beam3_norepeat"], (variant["dtype"], result)
 
 
 def test_distilvit_language_model_folder_carries_a_text_config_optimum_can_load(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
