@@ -38,11 +38,12 @@ PROMPTS = ["a", "a red", "a blue square on", "a green triangle on a"]
 # Runs inside the optimum environment: load the folder, generate greedily, print JSON.
 OPTIMUM_SIDE = """
 import json, sys
-import optimum, optimum.onnxruntime, transformers, onnxruntime, torch
+from importlib.metadata import version
+import torch
 from optimum.onnxruntime import ORTModelForCausalLM
 bundle, prompts, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 model = ORTModelForCausalLM.from_pretrained(bundle, subfolder="language_model", use_cache=True, use_io_binding=False)
-out = {"versions": {m.__name__: m.__version__ for m in (optimum.onnxruntime, transformers, onnxruntime, torch)}, "class": type(model).__name__, "tokens": [], "logits": []}
+out = {"versions": {p: version(p) for p in ("optimum-onnx", "optimum", "transformers", "onnxruntime", "torch")}, "class": type(model).__name__, "tokens": [], "logits": []}
 for ids in prompts:
     input_ids = torch.tensor([ids])
     generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=tokens, do_sample=False, num_beams=1)
