@@ -26,8 +26,8 @@ import pytest
 from serving import require
 from transformers import AutoConfig, GenerationConfig
 
-from vlmexport.checkpoint.generate import DecodeOptions
-from vlmexport.checkpoint.load import load_tokenizer
+from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens
+from vlmexport.checkpoint.load import load_checkpoint, load_tokenizer
 from vlmexport.checkpoint.preprocess import open_image
 from vlmexport.cli import main
 from vlmexport.exporter.export import export_bundle
@@ -37,6 +37,7 @@ from vlmexport.quantize import smooth
 from vlmexport.quantize.quantize import quantize_bundle
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.caption import bundle_preprocessor, caption_tokens
+from vlmexport.runtime.generate import greedy
 from vlmexport.samples import sample_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,3 +194,18 @@ def test_distilvit_language_model_folder_carries_a_text_config_optimum_can_load(
     assert generation.eos_token_id == load_tokenizer(out).eos_token_id and generation.do_sample is False
     manifest = read_manifest(out)
     assert {"language_model/config.json", "language_model/generation_config.json"} <= set(manifest.files)
+
+
+@pytest.mark.parametrize(("text", "vision"), [("gpt2", "clip_vision_model"), ("opt", "vit")])
+def test_gpt2_opt_decoders_and_vision_encoders_with_a_class_token_export_and_match_pytorch(make_checkpoint, tmp_path: Path, text: str, vision: str) -> None:
+    ckpt = make_checkpoint(f"{text}-{vision}-linear", text=text, vision=vision)
+    out = tmp_path / "tjs"
+    export_bundle(ckpt, out, layout="transformers.js")  # verified: smoke parity against PyTorch
+    checkpoint = load_checkpoint(ckpt)
+    pixels = checkpoint.preprocessor(sample_images(3, 32))
+    expected = generate_tokens(checkpoint.model, checkpoint.tokenizer, pixels, DecodeOptions(max_new_tokens=8))
+    bundle = open_bundle(out)
+    assert greedy(bundle, bundle.prefix(pixels), 8, checkpoint.tokenizer.eos_token_id, checkpoint.tokenizer.pad_token_id) == expected
+    # CLIP and ViT prepend a class token: LlavaProcessor must expand "<image>" to one more token than patches.
+    processor = json.loads((out / "processor_config.json").read_text())
+    assert processor["num_additional_image_tokens"] == 1

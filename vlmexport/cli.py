@@ -93,7 +93,8 @@ def export(
         )
     table = Table("file", "MB", "parameters", title=f"{result.layout} bundle → {result.path}")
     for name, size in result.files.items():
-        component = "decoder" if name.startswith(("prefix_init", "language_model", "decoder")) else name.split("/")[0].removesuffix(".onnx")
+        stem = name.removeprefix("onnx/")  # the transformers.js layout's folder
+        component = "decoder" if stem.startswith(("prefix_init", "language_model", "decoder", "embed_tokens")) else stem.split("/")[0].removesuffix(".onnx")
         table.add_row(name, f"{size / 1e6:.2f}", f"{result.parameters.get(component, 0):,}")
     table.add_row("bundle total (with tokenizer, configs)", f"{result.bundle_bytes / 1e6:.2f}", "")
     table.add_row("all parameters at fp32", f"{result.parameter_bytes / 1e6:.2f}", f"{sum(result.parameters.values()):,}")
