@@ -109,6 +109,18 @@ def run_decoder(
     return (lm.get_output_embeddings()(hidden), *present)
 
 
+def _step_axes(tokens: str, num_layers: int) -> dict[str, dict[int, str]]:
+    """Dynamic axes of a decoder step over `tokens` (ids or embeddings) after a past."""
+    return {
+        tokens: {0: BATCH, 1: SEQ},
+        "attention_mask": {0: BATCH, 1: TOTAL},
+        "position_ids": {0: BATCH, 1: SEQ},
+        "logits": {0: BATCH, 1: LOGITS},
+        **{name: {0: BATCH, 2: PAST} for name in past_names(num_layers)},
+        **{name: {0: BATCH, 2: TOTAL} for name in present_names(num_layers)},
+    }
+
+
 class PrefixInitGraph(nn.Module):
     """distilvit first pass: prefix_embeddings, input_ids (T may be 0) → logits, present.*"""
 
@@ -147,14 +159,7 @@ class LanguageModelGraph(nn.Module):
             *past_names(n),
         ]
         self.output_names = ["logits", *present_names(n)]
-        self.dynamic_axes = {
-            "input_ids": {0: BATCH, 1: SEQ},
-            "attention_mask": {0: BATCH, 1: TOTAL},
-            "position_ids": {0: BATCH, 1: SEQ},
-            "logits": {0: BATCH, 1: LOGITS},
-            **{name: {0: BATCH, 2: PAST} for name in past_names(n)},
-            **{name: {0: BATCH, 2: TOTAL} for name in present_names(n)},
-        }
+        self.dynamic_axes = _step_axes("input_ids", n)
         if with_prefix:
             # Positions span prefix and ids, so the compact graph names those axes apart from T.
             full, every = f"{PREFIX} + {SEQ}", f"{PAST} + {PREFIX} + {SEQ}"
@@ -223,14 +228,7 @@ class EmbedsDecoderGraph(nn.Module):
         n = shape.num_layers
         self.input_names = ["inputs_embeds", "attention_mask", "position_ids", "num_logits_to_keep", *past_names(n)]
         self.output_names = ["logits", *present_names(n)]
-        self.dynamic_axes = {
-            "inputs_embeds": {0: BATCH, 1: SEQ},
-            "attention_mask": {0: BATCH, 1: TOTAL},
-            "position_ids": {0: BATCH, 1: SEQ},
-            "logits": {0: BATCH, 1: LOGITS},
-            **{name: {0: BATCH, 2: PAST} for name in past_names(n)},
-            **{name: {0: BATCH, 2: TOTAL} for name in present_names(n)},
-        }
+        self.dynamic_axes = _step_axes("inputs_embeds", n)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, num_logits_to_keep: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         hidden, present = _decode(self.lm, self.shape.num_layers, inputs_embeds, attention_mask, position_ids, past)
