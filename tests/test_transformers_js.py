@@ -71,6 +71,11 @@ def test_the_folder_has_transformers_js_names_and_a_llava_config(folder: Path) -
         "decoder_model_merged": "onnx/decoder_model_merged.onnx",
     }
     assert set(manifest.variants["int8"].values()) == {f"onnx/{n}_int8.onnx" for n in ("vision_encoder", "embed_tokens", "decoder_model_merged")}
+    # int8's embed_tokens: the table as 8-bit blocks like the decoder's tied table (not a float
+    # copy), read with standard ops only: transformers.js' browser build has no GatherBlockQuantized.
+    table = onnx.load(str(folder / "onnx/embed_tokens_int8.onnx")).graph
+    assert {n.op_type for n in table.node} == {"Gather", "Cast", "Reshape", "Unsqueeze", "Sub", "Mul"}
+    assert [i.data_type for i in table.initializer if len(i.dims) >= 2 and i.dims[0] == manifest.model["vocab_size"] + 1][0] == onnx.TensorProto.UINT8
     decoder = manifest.files["onnx/decoder_model_merged.onnx"]
     names = [i["name"] for i in decoder["inputs"]]
     assert names[:4] == ["inputs_embeds", "attention_mask", "position_ids", "num_logits_to_keep"] and names[4] == "past_key_values.0.key"

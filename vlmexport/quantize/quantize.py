@@ -27,7 +27,7 @@ from vlmexport.errors import BundleError, UsageError
 from vlmexport.exporter.manifest import Manifest, decoder_graphs, read_manifest, variant_path, verify_files
 from vlmexport.exporter.onnx_io import TWO_GB, signature
 from vlmexport.quantize import fp16, integer, smooth
-from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise
+from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise, quantize_embedding_table
 from vlmexport.quantize.optimize import optimize_graph
 
 MODES = ("int8", "uint8", "fp16", "q4")
@@ -56,6 +56,9 @@ HQQ_RECIPES: dict[str, BlockwiseRecipe] = {
 ENCODER_RECIPES: dict[str, BlockwiseRecipe] = {"int8": BlockwiseRecipe(bits=8, symmetric=False), "q4": BlockwiseRecipe(bits=4, symmetric=True)}
 ENCODERS = ("vision_encoder", "projection")
 RECIPE_NAMES = ("blockwise", "dynamic", "hqq")
+# Graphs that only look rows up (the transformers.js layout's embed_tokens): the table as the
+# decoders' tied table is stored, 8-bit blocks (blockwise.quantize_embedding_table).
+TABLES = ("embed_tokens",)
 DECODERS = ("decoder", "prefix_init", "language_model", "decoder_model_merged")
 # SmoothQuant's α (BlockwiseRecipe.smooth_alpha, smooth.py) for 8-bit decoders: on the real-weights
 # model, 8-bit mean KL 0.0118 unsmoothed, 0.0092 at α 0.3, 0.0056 at 0.4, 0.0071 at 0.5, 0.0131 at 0.7.
@@ -275,6 +278,8 @@ def _quantize(
     if recipe == "dynamic":
         return integer.quantize_integer(model, mode, component, per_channel, exclude)
     decoder = _recipe(mode, recipe)
+    if component in TABLES:
+        return quantize_embedding_table(model, decoder)
     chosen = ENCODER_RECIPES.get(mode, RECIPES[mode]) if component in ENCODERS else decoder
     return quantize_blockwise(model, chosen, exclude)
 
