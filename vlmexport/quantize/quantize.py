@@ -327,7 +327,7 @@ def _auto_keep(
     low.CopyFrom(fp32)
     low, _ = _quantize(low, mode, component, None, excluded[component], [], recipe)  # never fp16 (refused above)
     graph = sensitivity.switchable(fp32, low)
-    template = open_bundle(onnx_dir, "fp32", components=())
+    template = open_bundle(onnx_dir, "fp32", components=("embed_tokens",))  # only where a layout has it
     measurer = sensitivity.Measurer(graph, template, component, fset, profile.logits.top1_margin)
     ranking = sensitivity.rank(measurer, on_node=lambda j, n: step(f"--keep-fp32 auto: node {j + 1}/{n} alone"))
     step("--keep-fp32 auto: fewest nodes kept")
