@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vlmexport.errors import BundleError
-from vlmexport.exporter.manifest import LAYOUTS, Manifest, read_manifest
+from vlmexport.exporter.manifest import Manifest, projection_in_vision, read_manifest
 from vlmexport.exporter.names import past_names
 
 Past = list[np.ndarray]
@@ -58,7 +58,7 @@ class Bundle:
         return self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
 
     def project(self, hidden: np.ndarray) -> np.ndarray:
-        if "projection" not in LAYOUTS[self.manifest.layout]:
+        if projection_in_vision(self.manifest.layout):
             return hidden  # the vision encoder projected it already (the transformers.js layout)
         return self.sessions["projection"].run(None, {"vision_hidden_states": hidden})[0]
 
@@ -111,7 +111,6 @@ class Bundle:
             feeds["prefix_embeddings"] = np.zeros((batch, 0, int(self.manifest.model["embed_dim"])), np.float32)
             out = self.sessions["decoder"].run(None, feeds)
         return out[0], out[1:]
-
 
     def _embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.sessions["embed_tokens"].run(None, {"input_ids": input_ids})[0]
