@@ -94,8 +94,9 @@ def export(
     table = Table("file", "MB", "parameters", title=f"{result.layout} bundle → {result.path}")
     for name, size in result.files.items():
         stem = name.removeprefix("onnx/")  # the transformers.js layout's folder
-        component = "decoder" if stem.startswith(("prefix_init", "language_model", "decoder", "embed_tokens")) else stem.split("/")[0].removesuffix(".onnx")
-        table.add_row(name, f"{size / 1e6:.2f}", f"{result.parameters.get(component, 0):,}")
+        component = "decoder" if stem.startswith(("prefix_init", "language_model", "decoder")) else stem.split("/")[0].removesuffix(".onnx")
+        count = result.parameters.get(component)  # none for embed_tokens: the decoder's table again
+        table.add_row(name, f"{size / 1e6:.2f}", f"{count:,}" if count is not None else "")
     table.add_row("bundle total (with tokenizer, configs)", f"{result.bundle_bytes / 1e6:.2f}", "")
     table.add_row("all parameters at fp32", f"{result.parameter_bytes / 1e6:.2f}", f"{sum(result.parameters.values()):,}")
     out.print(table)
