@@ -73,7 +73,7 @@ def _merge_summary(report: MergeReport) -> str:
 def export(
     model_dir: ModelDir,
     output_dir: OutputDir = Path("onnx"),
-    layout: Annotated[str, typer.Option("--layout", help="distilvit (what prefix_vlm.js loads) or compact (no weight twice)")] = "distilvit",
+    layout: Annotated[str, typer.Option("--layout", help="distilvit (what prefix_vlm.js loads), compact (no weight twice) or transformers.js (what @huggingface/transformers loads)")] = "distilvit",
     opset: Annotated[
         int | None, typer.Option("--opset", help="ONNX opset 18-23 (default 23: ONNX Attention and RotaryEmbedding ops; 18 for older runtimes)")
     ] = None,
@@ -97,8 +97,10 @@ def export(
         )
     table = Table("file", "MB", "parameters", title=f"{result.layout} bundle → {result.path}")
     for name, size in result.files.items():
-        component = "decoder" if name.startswith(("prefix_init", "language_model", "decoder")) else name.split("/")[0].removesuffix(".onnx")
-        table.add_row(name, f"{size / 1e6:.2f}", f"{result.parameters.get(component, 0):,}")
+        stem = name.removeprefix("onnx/")  # the transformers.js layout's folder
+        component = "decoder" if stem.startswith(("prefix_init", "language_model", "decoder")) else stem.split("/")[0].removesuffix(".onnx")
+        count = result.parameters.get(component)  # none for embed_tokens: the decoder's table again
+        table.add_row(name, f"{size / 1e6:.2f}", f"{count:,}" if count is not None else "")
     table.add_row("bundle total (with tokenizer, configs)", f"{result.bundle_bytes / 1e6:.2f}", "")
     table.add_row("all parameters at fp32", f"{result.parameter_bytes / 1e6:.2f}", f"{sum(result.parameters.values()):,}")
     out.print(table)

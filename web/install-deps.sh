@@ -17,6 +17,8 @@ command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs np
 
 # npm ci wipes node_modules and installs exactly the lockfile; skip it when that is already done.
 if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-    npm ci --no-audit --no-fund --loglevel=error
+    # onnxruntime-node (transformers.js' Node backend) would fetch CUDA providers from nuget.org
+    # in its postinstall on linux-x64; the CPU build it ships in the npm package is all it needs here.
+    ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error
 fi
 echo "web deps: node $(node --version), $(/usr/bin/chromium --version 2>/dev/null | head -1), npm packages from package-lock.json"

@@ -25,13 +25,29 @@ LAYOUTS: dict[str, dict[str, str]] = {
         "projection": "projection.onnx",
         "decoder": "decoder/model.onnx",
     },
+    # What transformers.js (@huggingface/transformers, pinned in web/package.json) loads for its
+    # image-text-to-text models: session names and the files under onnx/ are its own
+    # (models/session_config.js). The vision encoder includes the projection; the embedding
+    # table is read twice, by embed_tokens and by the decoder's tied head (two sessions, two files).
+    "transformers.js": {
+        "vision_encoder": "onnx/vision_encoder.onnx",
+        "embed_tokens": "onnx/embed_tokens.onnx",
+        "decoder_model_merged": "onnx/decoder_model_merged.onnx",
+    },
 }
 VARIANTS = ("fp32", "int8", "uint8", "fp16", "q4")
 
 
 def decoder_graphs(layout: str) -> tuple[str, str]:
     """(the graph of the first pass, the graph of the cached steps) of a layout."""
-    return ("prefix_init", "language_model") if layout == "distilvit" else ("decoder", "decoder")
+    if layout == "distilvit":
+        return ("prefix_init", "language_model")
+    return ("decoder_model_merged",) * 2 if layout == "transformers.js" else ("decoder", "decoder")
+
+
+def projection_in_vision(layout: str) -> bool:
+    """Whether the layout's vision encoder already returns the projected prefix (no projection graph)."""
+    return "projection" not in LAYOUTS[layout]
 
 
 def variant_path(fp32_path: str, variant: str) -> str:

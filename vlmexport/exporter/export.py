@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from vlmexport.checkpoint.load import Checkpoint, load_checkpoint
 from vlmexport.checkpoint.merge import MergeReport, verified_merge
 from vlmexport.checkpoint.model import PrefixConditioningVLM
 from vlmexport.errors import UsageError
-from vlmexport.exporter import graphs
+from vlmexport.exporter import graphs, library_configs
 from vlmexport.exporter.attention import FUSED_OPSET, export_attention
 from vlmexport.exporter.memory import release_freed_memory, store_linear_weights_transposed
 from vlmexport.exporter.onnx_io import trace_graph, write_graph
@@ -52,14 +53,18 @@ class ExportResult:
 
 def _component_graphs(model: PrefixConditioningVLM, layout: str, shape: graphs.DecoderShape) -> dict[str, torch.nn.Module]:
     lm = model.causal_lm
-    modules: dict[str, torch.nn.Module] = {
-        "vision_encoder": graphs.VisionGraph(model.vision_encoder),
-        "projection": graphs.ProjectionGraph(model.projection),
-    }
+    modules: dict[str, torch.nn.Module] = {}
+    if layout == "transformers.js":
+        modules["vision_encoder"] = graphs.VisionProjectionGraph(model.vision_encoder, model.projection)
+        modules["embed_tokens"] = graphs.EmbedTokensGraph(lm)
+        modules["decoder_model_merged"] = graphs.EmbedsDecoderGraph(lm, shape)
+    else:
+        modules["vision_encoder"] = graphs.VisionGraph(model.vision_encoder)
+        modules["projection"] = graphs.ProjectionGraph(model.projection)
     if layout == "distilvit":
         modules["prefix_init"] = graphs.PrefixInitGraph(lm, shape)
         modules["language_model"] = graphs.LanguageModelGraph(lm, shape)
-    else:
+    elif layout == "compact":
         modules["decoder"] = graphs.compact_decoder_graph(lm, shape)
     # torch.onnx.export restores each wrapper's mode afterwards, recursively: a wrapper left in
     # (the default) training mode would switch dropout on in the model it wraps.
@@ -74,6 +79,8 @@ def _example_inputs(name: str, module: torch.nn.Module, model: PrefixConditionin
     hidden = model.vision_features(pixels)
     if name == "projection":
         return (hidden,)
+    if name == "embed_tokens":
+        return (torch.randint(0, shape.vocab_size, (2, 3), generator=torch.Generator().manual_seed(0)),)
     if name == "prefix_init":
         ids = torch.randint(0, shape.vocab_size, (2, 2), generator=torch.Generator().manual_seed(0))
         return (model.projection(hidden)[:, :3].contiguous(), ids)
@@ -112,8 +119,10 @@ def _model_facts(checkpoint: Checkpoint, model: PrefixConditioningVLM, shape: gr
     }
 
 
-def _write_side_files(checkpoint: Checkpoint, model: PrefixConditioningVLM, out: Path) -> None:
-    checkpoint.tokenizer.save_pretrained(str(out))
+def _write_side_files(checkpoint: Checkpoint, model: PrefixConditioningVLM, out: Path, layout: str, shape: graphs.DecoderShape, prefix_length: int) -> None:
+    tokenizer = copy.deepcopy(checkpoint.tokenizer)  # the transformers.js layout adds a token to it
+    image_token_id = library_configs.add_image_token(tokenizer, shape.vocab_size) if layout == "transformers.js" else None
+    tokenizer.save_pretrained(str(out))
     checkpoint.preprocessor.write(out)
     (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
     eos, pad = checkpoint.tokenizer.eos_token_id, checkpoint.tokenizer.pad_token_id
@@ -126,6 +135,10 @@ def _write_side_files(checkpoint: Checkpoint, model: PrefixConditioningVLM, out:
         "bos_token_id": None,
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if layout == "distilvit":
+        library_configs.write_language_model_configs(out, checkpoint, model.causal_lm, generation)
+    elif image_token_id is not None:
+        library_configs.write_transformers_js_configs(out, checkpoint, model.causal_lm, image_token_id, prefix_length)
 
 
 def _export_graphs(
@@ -161,8 +174,9 @@ def _export_graphs(
         shapes = dict(zip(module.input_names + module.output_names, [tuple(t.shape) for t in (*args, *results)]))
         signatures[name] = write_graph(graph, weights, out / files[name], module.dynamic_axes, shapes)
         del graph, weights
-        if name == "projection":
-            prefix_length = int(shapes["vision_hidden_states"][1])
+        prefix_output = next((n for n in ("projected_prefix", "image_features") if n in shapes), None)
+        if prefix_output is not None:
+            prefix_length = int(shapes[prefix_output][1])
         if all(owners[later] is not owners[name] for later in list(modules)[index + 1 :]):
             owners[name].to("meta")  # the weights go; module tree and shapes stay
             release_freed_memory()
@@ -211,7 +225,7 @@ def export_bundle(
     with atomic_output_dir(output_dir, force) as tmp:
         prefix_length, signatures = _export_graphs(model, layout, shape, tmp, opset, step)
         step("writing tokenizer, configs and manifest")
-        _write_side_files(checkpoint, model, tmp)
+        _write_side_files(checkpoint, model, tmp, layout, shape, prefix_length)
         versions = {lib: version(lib) for lib in LIBRARIES}
         manifest = Manifest(layout, opset, _model_facts(checkpoint, model, shape, prefix_length, parameters), versions)
         manifest.variants["fp32"] = dict(files)

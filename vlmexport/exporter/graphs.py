@@ -72,6 +72,22 @@ class ProjectionGraph(nn.Module):
         return self.projection(vision_hidden_states)
 
 
+def _decode(
+    lm: PreTrainedModel, num_layers: int, embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, past: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The decoder body over `embeds` after `past`: (last hidden states, present tensors)."""
+    cache = DynamicCache(config=lm.config)
+    for i in range(num_layers):
+        cache.update(past[2 * i], past[2 * i + 1], i)
+    out = lm.get_decoder()(
+        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+    )
+    present: list[torch.Tensor] = []
+    for layer in out.cache.layers:
+        present += [layer.keys, layer.values]
+    return out.last_hidden_state, present
+
+
 def run_decoder(
     lm: PreTrainedModel,
     num_layers: int,
@@ -85,22 +101,24 @@ def run_decoder(
     embeds = lm.get_input_embeddings()(input_ids)
     if prefix is not None:
         embeds = torch.cat([prefix, embeds], dim=1)
-    cache = DynamicCache(config=lm.config)
-    for i in range(num_layers):
-        cache.update(past[2 * i], past[2 * i + 1], i)
-    out = lm.get_decoder()(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
-    )
-    hidden = out.last_hidden_state
+    hidden, present = _decode(lm, num_layers, embeds, attention_mask, position_ids, past)
     # Keep positions from the last prefix one on (see module docstring); traced as shape arithmetic.
     prefix_len = prefix.shape[1] if prefix is not None else 0
     start = prefix_len - torch.clamp(torch.as_tensor(prefix_len), max=1)
     hidden = hidden.index_select(1, torch.arange(start, hidden.shape[1]))
-    logits = lm.get_output_embeddings()(hidden)
-    present: list[torch.Tensor] = []
-    for layer in out.cache.layers:
-        present += [layer.keys, layer.values]
-    return (logits, *present)
+    return (lm.get_output_embeddings()(hidden), *present)
+
+
+def _step_axes(tokens: str, num_layers: int) -> dict[str, dict[int, str]]:
+    """Dynamic axes of a decoder step over `tokens` (ids or embeddings) after a past."""
+    return {
+        tokens: {0: BATCH, 1: SEQ},
+        "attention_mask": {0: BATCH, 1: TOTAL},
+        "position_ids": {0: BATCH, 1: SEQ},
+        "logits": {0: BATCH, 1: LOGITS},
+        **{name: {0: BATCH, 2: PAST} for name in past_names(num_layers)},
+        **{name: {0: BATCH, 2: TOTAL} for name in present_names(num_layers)},
+    }
 
 
 class PrefixInitGraph(nn.Module):
@@ -141,14 +159,7 @@ class LanguageModelGraph(nn.Module):
             *past_names(n),
         ]
         self.output_names = ["logits", *present_names(n)]
-        self.dynamic_axes = {
-            "input_ids": {0: BATCH, 1: SEQ},
-            "attention_mask": {0: BATCH, 1: TOTAL},
-            "position_ids": {0: BATCH, 1: SEQ},
-            "logits": {0: BATCH, 1: LOGITS},
-            **{name: {0: BATCH, 2: PAST} for name in past_names(n)},
-            **{name: {0: BATCH, 2: TOTAL} for name in present_names(n)},
-        }
+        self.dynamic_axes = _step_axes("input_ids", n)
         if with_prefix:
             # Positions span prefix and ids, so the compact graph names those axes apart from T.
             full, every = f"{PREFIX} + {SEQ}", f"{PAST} + {PREFIX} + {SEQ}"
@@ -165,6 +176,68 @@ class LanguageModelGraph(nn.Module):
         return run_decoder(self.lm, self.shape.num_layers, prefix, input_ids, mask, positions, tuple(past))
 
 
+class VisionProjectionGraph(nn.Module):
+    """transformers.js' vision_encoder: pixel_values → image_features (the projected prefix)."""
+
+    input_names = ["pixel_values"]
+    output_names = ["image_features"]
+    dynamic_axes = {"pixel_values": {0: BATCH}, "image_features": {0: BATCH}}
+
+    def __init__(self, encoder: PreTrainedModel, projection: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.projection = encoder, projection
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.encoder(pixel_values=pixel_values).last_hidden_state)
+
+
+class EmbedTokensGraph(nn.Module):
+    """transformers.js' embed_tokens: input_ids → inputs_embeds.
+
+    The table has one row more than the vocabulary: the image token's (zeros), which
+    transformers.js embeds before it overwrites those positions with the image features. A
+    token of its own past the vocabulary, so no text token is taken for it and the decoder's
+    logits keep the vocabulary's width.
+    """
+
+    input_names = ["input_ids"]
+    output_names = ["inputs_embeds"]
+    dynamic_axes = {"input_ids": {0: BATCH, 1: SEQ}, "inputs_embeds": {0: BATCH, 1: SEQ}}
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        table = lm.get_input_embeddings().weight.detach()
+        self.table = nn.Parameter(torch.cat([table, table.new_zeros(1, table.shape[1])]), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.table)
+
+
+class EmbedsDecoderGraph(nn.Module):
+    """transformers.js' decoder_model_merged: inputs_embeds, attention_mask, position_ids,
+    num_logits_to_keep, past → logits, present.
+
+    `num_logits_to_keep` (int64 scalar) is transformers.js' own input (models/modeling_utils.js,
+    setNumLogitsToKeep): generation feeds 1, so the head runs on the last position only; 0
+    keeps every position.
+    """
+
+    def __init__(self, lm: PreTrainedModel, shape: DecoderShape) -> None:
+        super().__init__()
+        self.lm, self.shape = lm, shape
+        n = shape.num_layers
+        self.input_names = ["inputs_embeds", "attention_mask", "position_ids", "num_logits_to_keep", *past_names(n)]
+        self.output_names = ["logits", *present_names(n)]
+        self.dynamic_axes = _step_axes("inputs_embeds", n)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, num_logits_to_keep: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden, present = _decode(self.lm, self.shape.num_layers, inputs_embeds, attention_mask, position_ids, past)
+        length = torch.as_tensor(hidden.shape[1])
+        start = torch.where(num_logits_to_keep > 0, length - num_logits_to_keep, torch.zeros_like(num_logits_to_keep))
+        hidden = hidden.index_select(1, torch.arange(start, hidden.shape[1]))
+        return (self.lm.get_output_embeddings()(hidden), *present)
+
+
 def compact_decoder_graph(lm: PreTrainedModel, shape: DecoderShape) -> LanguageModelGraph:
     """The compact layout's single decoder: prefix (P may be 0), ids (T may be 0), mask, positions, past."""
     return LanguageModelGraph(lm, shape, with_prefix=True)
@@ -177,6 +250,8 @@ def example_decoder_inputs(graph: nn.Module, shape: DecoderShape, batch: int = 2
     total = past + (prefix if "prefix_embeddings" in names else 0) + ids
     values = {
         "prefix_embeddings": torch.randn(batch, prefix, shape.embed_dim, generator=g),
+        "inputs_embeds": torch.randn(batch, ids, shape.embed_dim, generator=g),
+        "num_logits_to_keep": torch.tensor(1, dtype=torch.long),
         "input_ids": torch.randint(0, shape.vocab_size, (batch, ids), generator=g),
         "attention_mask": torch.ones(batch, total, dtype=torch.long),
         "position_ids": torch.arange(total - ids - (prefix if "prefix_embeddings" in names else 0), total).expand(batch, -1).contiguous(),

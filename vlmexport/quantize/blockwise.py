@@ -37,6 +37,8 @@ import onnx
 from onnx import helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+from vlmexport.errors import BundleError
+from vlmexport.exporter.onnx_io import SHARED_SUFFIX
 from vlmexport.quantize import shared
 from vlmexport.quantize.integer import quiet_root_logger
 
@@ -94,6 +96,97 @@ def quantize_blockwise(
         "eight_bit_nodes": high,
     }
     return model, record
+
+
+PROBE = "embedding_table_probe"
+
+
+def quantize_embedding_table(model: onnx.ModelProto, recipe: BlockwiseRecipe) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """A graph that only looks rows up (transformers.js' embed_tokens) with its table as
+    8-bit blocks read by GatherBlockQuantized — the tied table's format in the decoders.
+
+    onnxruntime's quantizer turns a Gather into GatherBlockQuantized at 4 bits only, and 4 bits
+    is what the decoders' tied table is spared even in q4 (the head stays at 8). So the table is
+    given a probe head (Transpose + MatMul, the exporter's tied form), quantized by
+    `quantize_blockwise` exactly as a tied table, and the probe is removed: the Gather keeps
+    the head's quantized weights, nothing else reads them.
+    """
+    graph = model.graph
+    tables = {i.name: i for i in graph.initializer if len(i.dims) == 2}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in tables]
+    for i, table in enumerate(sorted({n.input[0] for n in gathers})):
+        transposed = f"{table}{SHARED_SUFFIX}_out"
+        graph.node.append(helper.make_node("Transpose", [table], [transposed], name=f"{PROBE}_{i}{SHARED_SUFFIX}", perm=[1, 0]))
+        graph.node.append(helper.make_node("MatMul", [f"{PROBE}_{i}_in", transposed], [f"{PROBE}_{i}_out"], name=f"{PROBE}_{i}/MatMul"))
+    symmetric = recipe.symmetric if recipe.bits == 8 else True
+    model, record = quantize_blockwise(model, BlockwiseRecipe(8, symmetric, recipe.block_size, recipe.accuracy_level, smooth_alpha=None), [])
+    probes = [n for n in model.graph.node if n.name.startswith(PROBE)]
+    for node in probes:
+        model.graph.node.remove(node)
+    # A table whose width is not whole blocks keeps its float Gather: drop the probe's weights then.
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    _dequantize_with_standard_ops(model)
+    record["weights"] = f"embedding table only: {record['weights']} (Gather of the codes, then Sub/Mul by the block's zero point and scale)"
+    return model, record
+
+
+def _dequantize_with_standard_ops(model: onnx.ModelProto) -> None:
+    """Replace each 8-bit GatherBlockQuantized by standard ops computing the same rows:
+    Gather codes, scales (and zero points) → (code - zero point) · scale per block of the row.
+
+    Why: transformers.js' browser build (onnxruntime-web 1.31.0-dev, its webgpu bundle) has no
+    GatherBlockQuantized kernel — a session with one fails to start in Chromium (measured) — and
+    embed_tokens runs there once per generated token.
+    """
+    graph = model.graph
+    for node in [n for n in graph.node if n.op_type == "GatherBlockQuantized"]:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        data, ids, scales, *zero = node.input
+        block, out, p = int(attrs["block_size"]), node.output[0], node.name
+        # The codes' view is [vocab, width] (8 bits: one byte a value), whole blocks (_gather_from_head).
+        width = int(numpy_helper.to_array(next(i for i in graph.initializer if i.name == _reshape_shape(graph, data)))[-1])
+        if int(attrs["bits"]) != 8 or width % block:
+            raise BundleError(f"{p}: not whole 8-bit blocks ({attrs['bits']} bits, width {width})", "report this as a vlmexport bug")
+        blocks = width // block
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array([0, 0, blocks, block], np.int64), f"{p}_blocked"),
+            numpy_helper.from_array(np.array([0, 0, blocks * block], np.int64), f"{p}_rows"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{p}_last"),
+            numpy_helper.from_array(np.array(128, np.float32), f"{p}_middle"),
+        ])  # fmt: skip
+        nodes = [
+            helper.make_node("Gather", [data, ids], [f"{p}_codes"], name=f"{p}_codes"),
+            helper.make_node("Cast", [f"{p}_codes"], [f"{p}_codes_f"], name=f"{p}_codes_f", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Reshape", [f"{p}_codes_f", f"{p}_blocked"], [f"{p}_codes_b"], name=f"{p}_codes_b"),
+            helper.make_node("Gather", [scales, ids], [f"{p}_scales"], name=f"{p}_scales"),
+            helper.make_node("Unsqueeze", [f"{p}_scales", f"{p}_last"], [f"{p}_scales_b"], name=f"{p}_scales_b"),
+        ]
+        if zero and zero[0]:  # zero points per block (uint8 codes)
+            nodes += [
+                helper.make_node("Gather", [zero[0], ids], [f"{p}_zero"], name=f"{p}_zero"),
+                helper.make_node("Cast", [f"{p}_zero"], [f"{p}_zero_f"], name=f"{p}_zero_f", to=onnx.TensorProto.FLOAT),
+                helper.make_node("Unsqueeze", [f"{p}_zero_f", f"{p}_last"], [f"{p}_zero_b"], name=f"{p}_zero_b"),
+            ]
+            middle = f"{p}_zero_b"
+        else:  # symmetric: the codes are stored offset by 2^(bits-1)
+            middle = f"{p}_middle"
+        nodes += [
+            helper.make_node("Sub", [f"{p}_codes_b", middle], [f"{p}_centred"], name=f"{p}_centred"),
+            helper.make_node("Mul", [f"{p}_centred", f"{p}_scales_b"], [f"{p}_values"], name=f"{p}_values"),
+            helper.make_node("Reshape", [f"{p}_values", f"{p}_rows"], [out], name=f"{p}_out"),
+        ]
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, new in enumerate(nodes):
+            graph.node.insert(at + offset, new)
+
+
+def _reshape_shape(graph: onnx.GraphProto, view: str) -> str:
+    """The shape initializer of the Reshape that produces `view`."""
+    return next(n.input[1] for n in graph.node if n.op_type == "Reshape" and n.output[0] == view)
 
 
 def _nbits(model: onnx.ModelProto, recipe: BlockwiseRecipe, bits: int, exclude: list[str], include: list[str] | None) -> onnx.ModelProto:

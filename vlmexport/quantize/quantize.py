@@ -23,11 +23,11 @@ from typing import Any
 
 import onnx
 
-from vlmexport.bundle.manifest import Manifest, read_manifest, variant_path, verify_files
+from vlmexport.bundle.manifest import Manifest, decoder_graphs, read_manifest, variant_path, verify_files
 from vlmexport.errors import BundleError, UsageError
 from vlmexport.exporter.onnx_io import TWO_GB, signature
 from vlmexport.quantize import fp16, integer, smooth
-from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise
+from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise, quantize_embedding_table
 from vlmexport.quantize.optimize import optimize_graph
 
 MODES = ("int8", "uint8", "fp16", "q4")
@@ -56,7 +56,10 @@ HQQ_RECIPES: dict[str, BlockwiseRecipe] = {
 ENCODER_RECIPES: dict[str, BlockwiseRecipe] = {"int8": BlockwiseRecipe(bits=8, symmetric=False), "q4": BlockwiseRecipe(bits=4, symmetric=True)}
 ENCODERS = ("vision_encoder", "projection")
 RECIPE_NAMES = ("blockwise", "dynamic", "hqq")
-DECODERS = ("decoder", "prefix_init", "language_model")
+# Graphs that only look rows up (the transformers.js layout's embed_tokens): the table as the
+# decoders' tied table is stored, 8-bit blocks (blockwise.quantize_embedding_table).
+TABLES = ("embed_tokens",)
+DECODERS = ("decoder", "prefix_init", "language_model", "decoder_model_merged")
 # SmoothQuant's α (BlockwiseRecipe.smooth_alpha, smooth.py) for 8-bit decoders: on the real-weights
 # model, 8-bit mean KL 0.0118 unsmoothed, 0.0092 at α 0.3, 0.0056 at 0.4, 0.0071 at 0.5, 0.0131 at 0.7.
 # `--keep-fp32 auto` aims the decoder at this share of the profile's KL bound: the rest is left
@@ -229,7 +232,7 @@ def _check_arguments(
     if keep_fp32 == "auto" and mode == "fp16":
         # The converter keeps every node's name and changes only types: no node has a second form to rank.
         raise UsageError("--keep-fp32 auto ranks quantized nodes; fp16 keeps its measured-hot nodes float32 already", "drop --keep-fp32 for fp16")
-    first_pass = "decoder" if manifest.layout == "compact" else "prefix_init"
+    first_pass = decoder_graphs(manifest.layout)[0]
     if keep_fp32 == "auto" and components is not None and first_pass not in components:
         raise UsageError("--keep-fp32 auto ranks the decoder's nodes, which --components leaves out", f"include {first_pass} in --components")
     available = list(manifest.variants["fp32"])
@@ -274,6 +277,8 @@ def _quantize(
         return fp16.convert_fp16(model, ranges, exclude)
     if recipe == "dynamic":
         return integer.quantize_integer(model, mode, component, per_channel, exclude)
+    if component in TABLES:
+        return quantize_embedding_table(model, _decoder_recipe(mode, recipe))
     chosen = ENCODER_RECIPES.get(mode, RECIPES[mode]) if component in ENCODERS else _decoder_recipe(mode, recipe)
     return quantize_blockwise(model, chosen, exclude)
 
@@ -334,7 +339,7 @@ def _auto_keep(
     from vlmexport.runtime.bundle import open_bundle
     from vlmexport.validate.profiles import profile_named
 
-    component = "decoder" if manifest.layout == "compact" else "prefix_init"
+    component = decoder_graphs(manifest.layout)[0]
     profile = profile_named(mode)
     margin = profile.logits.top1_margin
     if margin is None:  # the near-tie margin is a bound: it comes from the profile, never a default here
@@ -348,7 +353,7 @@ def _auto_keep(
     low.CopyFrom(fp32)
     low, _ = _quantize(low, mode, component, None, excluded[component], [], recipe)  # never fp16 (refused above)
     graph = sensitivity.switchable(fp32, low)
-    template = open_bundle(onnx_dir, "fp32", components=())
+    template = open_bundle(onnx_dir, "fp32", components=("embed_tokens",))  # only where a layout has it
     measurer = sensitivity.Measurer(graph, template, component, fset, margin)
     ranking = sensitivity.rank(measurer, on_node=lambda j, n: step(f"--keep-fp32 auto: node {j + 1}/{n} alone"))
     step("--keep-fp32 auto: fewest nodes kept")

@@ -174,7 +174,8 @@ class Measurer:
     def __init__(self, graph: Switchable, template: Bundle, component: str, fset: FidelitySet, margin: float) -> None:
         self.graph, self.fset, self.margin = graph, fset, margin
         self.switched = _Switched(session(graph.model.SerializeToString()))
-        self.bundle = Bundle(template.path, template.manifest, "fp32", {component: self.switched})
+        # The template's own sessions stay (the transformers.js layout embeds ids with embed_tokens).
+        self.bundle = Bundle(template.path, template.manifest, "fp32", {**template.sessions, component: self.switched})
 
     def measure(self, low: set[str]) -> Fidelity:
         self.switched.switch = np.array([name in low for name in self.graph.nodes], bool)

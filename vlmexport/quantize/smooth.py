@@ -45,6 +45,8 @@ def smoothable(model: onnx.ModelProto) -> list[Smoothing]:
     producers = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
+        if node.op_type == "Shape":  # reads no values: a rescaled activation keeps its shape
+            continue
         for name in node.input:
             readers.setdefault(name, []).append(node)
     found = []

@@ -194,7 +194,9 @@ def measure_onnx(onnx_dir: Path, variant: str, tokens: int, repeats: int, thread
     caption_ms = _median_ms(lambda: generate(bundle, bundle.prefix(pixels), options, None, None), repeats)
     peak = _peak_rss_mb()  # before reading the decoder graph below, which would add to it
     manifest = bundle.manifest
-    step_graph = manifest.variants[variant]["decoder" if manifest.layout == "compact" else "language_model"]
+    from vlmexport.bundle.manifest import decoder_graphs
+
+    step_graph = manifest.variants[variant][decoder_graphs(manifest.layout)[1]]
     decoder_bytes = initializer_bytes(onnx_dir / step_graph)
     size = sum(info["size"] for info in manifest.files.values() if info.get("variant") == variant)
     return BackendBench(f"onnx {variant}", load_s, vision_ms, first_ms, decode_ms, caption_ms, peak, base, size / 1e6, decoder_bytes / 1e6)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vlmexport.bundle.manifest import Manifest, read_manifest
+from vlmexport.bundle.manifest import Manifest, projection_in_vision, read_manifest
 from vlmexport.bundle.names import past_names
 from vlmexport.errors import BundleError
 from vlmexport.runtime.runner import Runner
@@ -55,9 +55,12 @@ class Bundle(Runner):
         return int(self.manifest.model["num_layers"])
 
     def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        """The vision encoder's output: hidden states, or the prefix where it includes the projection."""
         return self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
 
     def project(self, hidden: np.ndarray) -> np.ndarray:
+        if projection_in_vision(self.manifest.layout):
+            return hidden  # the vision encoder projected it already (the transformers.js layout)
         return self.sessions["projection"].run(None, {"vision_hidden_states": hidden})[0]
 
     def prefix(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -75,6 +78,10 @@ class Bundle(Runner):
             out = self.sessions["prefix_init"].run(None, {"prefix_embeddings": prefix, "input_ids": ids})
             return out[0], out[1:]
         total = length + ids.shape[1]
+        if self.manifest.layout == "transformers.js":
+            embeds = np.concatenate([prefix, self._embed(ids)], axis=1) if ids.shape[1] else prefix
+            # Logits for the positions that predict a token: the last prefix one and each id.
+            return self._embeds_pass(embeds, self.empty_past(batch), 0, 1 + ids.shape[1])
         feeds = {
             "prefix_embeddings": prefix,
             "input_ids": ids,
@@ -99,9 +106,29 @@ class Bundle(Runner):
         }
         if self.manifest.layout == "distilvit":
             out = self.sessions["language_model"].run(None, feeds)
+        elif self.manifest.layout == "transformers.js":
+            return self._embeds_pass(self._embed(input_ids.astype(np.int64)), past, start, count)
         else:
             feeds["prefix_embeddings"] = np.zeros((batch, 0, int(self.manifest.model["embed_dim"])), np.float32)
             out = self.sessions["decoder"].run(None, feeds)
+        return out[0], out[1:]
+
+    def _embed(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.sessions["embed_tokens"].run(None, {"input_ids": input_ids})[0]
+
+    def _embeds_pass(self, embeds: np.ndarray, past: Past, start: int, keep: int) -> tuple[np.ndarray, Past]:
+        """transformers.js' decoder_model_merged over `embeds` after `past`, positions from
+        `start`, logits for the last `keep` positions."""
+        batch, count = embeds.shape[:2]
+        past_len = past[0].shape[2]
+        feeds = {
+            "inputs_embeds": embeds.astype(np.float32),
+            "attention_mask": np.ones((batch, past_len + count), np.int64),
+            "position_ids": np.broadcast_to(np.arange(start, start + count, dtype=np.int64), (batch, count)).copy(),
+            "num_logits_to_keep": np.array(keep, np.int64),
+            **dict(zip(past_names(self.num_layers), past)),
+        }
+        out = self.sessions["decoder_model_merged"].run(None, feeds)
         return out[0], out[1:]
 
 

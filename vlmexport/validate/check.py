@@ -19,7 +19,14 @@ import numpy as np
 import torch
 
 from vlmexport.bundle.decoding import DecodeOptions
-from vlmexport.bundle.manifest import VARIANTS, Manifest, read_manifest, verify_files
+from vlmexport.bundle.manifest import (
+    VARIANTS,
+    Manifest,
+    decoder_graphs,
+    projection_in_vision,
+    read_manifest,
+    verify_files,
+)
 from vlmexport.bundle.preprocess import IMAGE_SUFFIXES, Preprocessor, bundle_preprocessor, open_image
 from vlmexport.bundle.tokenizer import decode, load_tokenizer
 from vlmexport.checkpoint.generate import generate_tokens
@@ -313,9 +320,13 @@ def _component_measurements(
 ) -> list[Measurement]:
     """Each candidate graph fed the reference's inputs (pixels, hidden states, prefix, tokens), so
     an error is attributed to the graph that made it; cached steps run on the candidate's own past."""
-    out = _rows("vision_encoder", "last_hidden_state", _tensor_values(hidden, candidate.vision(pixels), profile.vision_encoder), profile.vision_encoder, batch)
-    out += _rows("projection", "projected_prefix", _tensor_values(prefix, candidate.project(hidden), profile.projection), profile.projection, batch)
-    first, later = ("prefix_init", "language_model") if layout == "distilvit" else ("decoder first pass", "decoder")
+    if projection_in_vision(layout):  # its vision encoder returns the prefix
+        out = _rows("vision_encoder", "image_features", _tensor_values(prefix, candidate.vision(pixels), profile.vision_encoder), profile.vision_encoder, batch)
+    else:
+        out = _rows("vision_encoder", "last_hidden_state", _tensor_values(hidden, candidate.vision(pixels), profile.vision_encoder), profile.vision_encoder, batch)
+        out += _rows("projection", "projected_prefix", _tensor_values(prefix, candidate.project(hidden), profile.projection), profile.projection, batch)
+    first, later = decoder_graphs(layout)
+    first = f"{first} first pass" if first == later else first
     passes = zip(ref_passes, decode_passes(candidate, prefix, tokens))
     for i, ((ref_logits, ref_past), (got_logits, got_past)) in enumerate(passes):
         name = first if i == 0 else f"{later} step {i}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from vlmexport.bundle.manifest import decoder_graphs, read_manifest
+from vlmexport.bundle.manifest import decoder_graphs, projection_in_vision, read_manifest
 from vlmexport.errors import BundleError, ParityError
 from vlmexport.exporter.memory import release_freed_memory
 from vlmexport.runtime.bundle import open_bundle
@@ -83,11 +83,14 @@ def _present(name: str, reference: list[np.ndarray], candidate: list[np.ndarray]
     ]
 
 
-def prefix_parity(recorded: SmokeReference, candidate: Runner, profile: Profile | None = None) -> list[Measurement]:
+def prefix_parity(recorded: SmokeReference, candidate: Runner, profile: Profile | None = None, layout: str = "distilvit") -> list[Measurement]:
     """The vision encoder and the projection (the candidate needs only those two), under
-    `profile` (default fp32)."""
+    `profile` (default fp32). Where the layout's vision encoder includes the projection, its
+    output is the prefix, held to the vision encoder's bounds."""
     profile = profile or profile_named("fp32")
     hidden = candidate.vision(recorded.pixel_values)
+    if projection_in_vision(layout):
+        return _relative("vision_encoder", "image_features", recorded.prefix, hidden, profile.vision_encoder)
     out = _relative("vision_encoder", "last_hidden_state", recorded.hidden, hidden, profile.vision_encoder)
     return out + _relative("projection", "projected_prefix", recorded.prefix, candidate.project(recorded.hidden), profile.projection)
 
@@ -98,6 +101,7 @@ def decoder_parity(recorded: SmokeReference, layout: str, first: Pass, stepper: 
     profile = profile or profile_named("fp32")
     out = []
     first_name, later = decoder_graphs(layout)
+    first_name = f"{first_name} first pass" if first_name == later else first_name
     passes = zip(recorded.passes, continue_passes(stepper, first, recorded.tokens))
     for i, ((ref_logits, ref_past), (got_logits, got_past)) in enumerate(passes):
         name = first_name if i == 0 else f"{later} step {i}"
@@ -133,14 +137,14 @@ def verify_bundle(bundle_dir: Path, recorded: SmokeReference, profile: Profile |
     release_freed_memory()  # the checker's copies of the graphs
     # One graph's sessions at a time (vision and projection together): every graph of
     # the distilvit layout open at once was the export's peak (1.8 GB of sessions).
-    smoke = prefix_parity(recorded, open_bundle(bundle_dir, components=("vision_encoder", "projection")), profile)
+    smoke = prefix_parity(recorded, open_bundle(bundle_dir, components=("vision_encoder", "projection")), profile, manifest.layout)
     first_graph, step_graph = decoder_graphs(manifest.layout)
-    decoder = open_bundle(bundle_dir, components=(first_graph,))
+    decoder = open_bundle(bundle_dir, components=(first_graph, "embed_tokens"))  # embed_tokens: only where a layout has it
     first = decoder.first_pass(recorded.prefix)
     if step_graph != first_graph:
         del decoder
         release_freed_memory()
-        decoder = open_bundle(bundle_dir, components=(step_graph,))
+        decoder = open_bundle(bundle_dir, components=(step_graph, "embed_tokens"))
     smoke += decoder_parity(recorded, manifest.layout, first, decoder, profile)
     failed = [m for m in smoke if not m.passed]
     if failed:
