@@ -206,3 +206,34 @@ def test_bundle_preprocessor_needs_one_of_its_files(tmp_path: Path) -> None:
         bundle_preprocessor(tmp_path)
     shutil.copy(EXAMPLE / "model" / "config.json", tmp_path / "config.json")
     assert bundle_preprocessor(tmp_path).height == json.loads((tmp_path / "config.json").read_text())["vision_config"]["image_size"]
+
+
+def test_every_runtime_path_decodes_an_image_alike_exif_orientation_included(tmp_path: Path) -> None:
+    """caption IMG (open_image), Captioner and Ray (bytes), and POST /caption decode through one
+    loader: an EXIF-rotated photo is upright in all of them, and a format Pillow could open but
+    the runtime refuses (EPS runs Ghostscript) is refused by all."""
+    from vlmexport.bundle.preprocess import load_image
+    from vlmexport.runtime.captioner import to_image
+    from vlmexport.serve.images import decode as serve_decode
+
+    image = Image.new("RGB", (30, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 10, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to view
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    data = path.read_bytes()
+    opened = [open_image(path), load_image(data), to_image(data), to_image(str(path)), serve_decode(data).convert("RGB")]
+    assert {im.size for im in opened} == {(20, 30)}  # upright: the EXIF rotation applied
+    first = np.asarray(opened[0], dtype=np.int16)
+    assert all(np.array_equal(first, np.asarray(im, dtype=np.int16)) for im in opened[1:])
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+    with pytest.raises(ImageError):
+        load_image(eps)
+
+
+def test_a_negative_seed_is_a_usage_error_not_a_numpy_traceback() -> None:
+    from vlmexport.errors import UsageError
+
+    with pytest.raises(UsageError, match="seed"):
+        DecodeOptions(do_sample=True, seed=-1)

@@ -124,6 +124,7 @@ def test_bad_uploads_get_400_with_a_json_error_and_the_server_goes_on(server: Vl
         ({"num_beams": "10000"}, "num_beams must be from 1 to 4 (got 10000)"),
         ({"max_new_tokens": "100000"}, "max_new_tokens must be from 1 to 8 (got 100000)"),  # the tiny model's max_length
         ({"num_beams": "4", "max_new_tokens": "1_000"}, "max_new_tokens must be an integer"),
+        ({"num_beams": "--2"}, "num_beams must be an integer"),
         ({"top_p": "1.5", "do_sample": "1"}, "top_p must be a finite number in (0, 1] (got '1.5')"),
         ({"seed": "-1", "do_sample": "true"}, "seed must be from 0 to 4294967295 (got -1)"),
         ({"temperature": "inf", "do_sample": "true"}, "temperature must be a finite number in (0, 100] (got 'inf')"),

@@ -39,6 +39,14 @@ def wait_for_server():
             break  # any HTTP answer: the server is up
         except OSError:
             time.sleep(0.1)
+    if len(sys.argv) > 3:  # caption one image first: what a request imports counts too
+        boundary = "probe-boundary"
+        image = open(sys.argv[3], "rb").read()
+        body = (f"--{boundary}\\r\\nContent-Disposition: form-data; name=\\"image\\"; filename=\\"a.png\\"\\r\\n"
+                f"Content-Type: image/png\\r\\n\\r\\n").encode() + image + f"\\r\\n--{boundary}--\\r\\n".encode()
+        origin = url.split("/", 3)
+        request = urllib.request.Request(f"{origin[0]}//{origin[2]}/caption", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        print("CAPTION " + json.dumps(json.loads(urllib.request.urlopen(request, timeout=60).read())), flush=True)
     report(None)
 
 if url:
@@ -62,10 +70,11 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
 
 
-def loaded(argv: list[str], url: str | None = None) -> tuple[int | None, set[str]]:
-    result = run(PROBE, json.dumps(argv), *([url] if url else []))
+def loaded(argv: list[str], url: str | None = None, image: str | None = None) -> tuple[int | None, set[str]]:
+    result = run(PROBE, json.dumps(argv), *([url] if url else []), *([image] if image else []))
     line = next((line for line in result.stdout.splitlines() if line.startswith("MODULES ")), None)
     assert line is not None, result.stdout + result.stderr
+    assert image is None or '"caption"' in result.stdout, result.stdout + result.stderr  # the request was captioned
     data = json.loads(line.removeprefix("MODULES "))
     return data["code"], {name.split(".")[0] for name in data["modules"]}
 
@@ -90,11 +99,13 @@ def test_inspect_imports_no_export_dependency(bundle: Path) -> None:
     assert not modules & EXPORT_EXTRA, sorted(modules & EXPORT_EXTRA)
 
 
-def test_serve_imports_no_export_dependency(bundle: Path) -> None:
+def test_serve_imports_no_export_dependency(bundle: Path, tmp_path: Path) -> None:
     with socket.socket() as probe:  # a free port; the server binds it a moment later
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    code, modules = loaded(["serve", "--onnx-dir", str(bundle), "--port", str(port), "--quiet"], f"http://127.0.0.1:{port}/bundle/vlmexport.json")
+    image = tmp_path / "a.png"
+    sample_images(1, 40)[0].save(image)
+    code, modules = loaded(["serve", "--onnx-dir", str(bundle), "--port", str(port), "--quiet"], f"http://127.0.0.1:{port}/bundle/vlmexport.json", str(image))
     assert code is None  # still serving when the modules were listed
     assert not modules & EXPORT_EXTRA, sorted(modules & EXPORT_EXTRA)
 

@@ -47,6 +47,8 @@ class DecodeOptions:
             problems.append(f"length_penalty must be finite (got {self.length_penalty})")
         if self.early_stopping not in EARLY_STOPPING or not isinstance(self.early_stopping, bool | str):
             problems.append(f"early_stopping must be true, false or never (got {self.early_stopping!r})")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            problems.append(f"seed must be from 0 to 2**63 - 1 (got {self.seed})")  # numpy's generators refuse negative seeds
         if self.no_repeat_ngram_size < 0:
             problems.append(f"no_repeat_ngram_size must be ≥ 0 (got {self.no_repeat_ngram_size})")
         if problems:

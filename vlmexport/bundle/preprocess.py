@@ -14,6 +14,7 @@ EXIF orientation is applied on opening, as browsers do.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from vlmexport.errors import BundleError, CheckpointError, ImageError
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# What a browser or a camera writes; not every format Pillow can open (EPS, for one, runs Ghostscript).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # Per vision model_type: (processor class name, mean, std, PIL resample, CLIP-style shortest-edge
@@ -238,19 +241,29 @@ def bundle_preprocessor(bundle_dir: Path) -> Preprocessor:
 
 
 def open_image(path: Path | str) -> Image.Image:
-    """Open any PIL-readable image as 8-bit RGB, turned upright by its EXIF orientation.
+    """Open an image file as 8-bit RGB, turned upright by its EXIF orientation (see `load_image`).
 
     Raises:
-        ImageError: missing file, not an image, or so large Pillow refuses it as a decompression bomb.
+        ImageError: missing file, not an image of an accepted format, or a decompression bomb.
     """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image {path} does not exist", "pass paths to existing image files")
+    return load_image(path, str(path))
+
+
+def load_image(source: Path | bytes, what: str = "the bytes") -> Image.Image:
+    """Decode an image file or its bytes as every runtime path does (CLI, Captioner, serve):
+    only IMAGE_FORMATS, EXIF orientation applied, converted by `to_rgb`.
+
+    Raises:
+        ImageError: not an image of an accepted format, broken, or a decompression bomb.
+    """
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS) as image:
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path} is too large to decode safely ({exc})", "downscale the image first") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{path} is not a readable image ({exc.__class__.__name__})", "pass a PNG, JPEG or other image file") from exc
+        raise ImageError(f"{what} is too large to decode safely ({exc})", "downscale the image first") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # SyntaxError: Pillow's "not a PNG file"
+        raise ImageError(f"{what} is not a readable image ({exc.__class__.__name__})", f"pass a {', '.join(IMAGE_FORMATS)} file") from exc

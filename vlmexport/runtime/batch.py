@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +23,11 @@ from PIL import Image
 
 from vlmexport.bundle.decoding import DecodeOptions
 from vlmexport.bundle.manifest import read_manifest
-from vlmexport.errors import ImageError, UsageError, VlmExportError
+from vlmexport.bundle.preprocess import IMAGE_SUFFIXES
+from vlmexport.errors import BundleError, ImageError, UsageError, VlmExportError
 from vlmexport.fsutil import atomic_file
 from vlmexport.runtime.captioner import Captioner, to_image
 
-SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 BATCH = 8
 Line = dict[str, str | list[int]]
 
@@ -69,7 +70,7 @@ def caption_folder(
     read_manifest(Path(onnx_dir)).component_file("vision_encoder", variant)  # raises for a missing bundle or variant
     names = image_names(images_dir)
     if not names:
-        raise UsageError(f"no images ({', '.join(sorted(SUFFIXES))}) in {images_dir}", "pass the folder that holds the images")
+        raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images_dir}", "pass the folder that holds the images")
     done = resume(output)
     todo = [name for name in names if name not in done]
     if not todo:
@@ -96,7 +97,7 @@ def image_names(folder: Path) -> list[str]:
     return sorted(
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
-        if p.suffix.lower() in SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -142,16 +143,22 @@ def _run(onnx_dir: Path, folder: Path, names: list[str], variant: str, options: 
         return
     # spawn, not fork: ONNX Runtime's thread pools do not survive a fork.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(onnx_dir, variant, options, 1)) as pool:
-        pending: set[Future[list[Line]]] = set()
-        for batch in batches:
-            pending.add(pool.submit(_caption_batch, folder, batch))
-            if len(pending) >= 2 * workers:
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(onnx_dir, variant, options, 1)) as pool:
+            pending: set[Future[list[Line]]] = set()
+            for batch in batches:
+                pending.add(pool.submit(_caption_batch, folder, batch))
+                if len(pending) >= 2 * workers:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    yield from (f.result() for f in finished)
+            while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 yield from (f.result() for f in finished)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from (f.result() for f in finished)
+    except BrokenProcessPool as exc:
+        # A worker's initializer failed (a graph ONNX Runtime refuses, a missing tokenizer): the
+        # pool only says it broke, so open the captioner here to raise the real one-line error.
+        _start_worker(onnx_dir, variant, options, threads=1)
+        raise BundleError(f"a captioning worker stopped on {onnx_dir} ({exc})", "run again with --workers 1 to see why") from exc
 
 
 _WORKER: list[Captioner] = []  # the worker process's captioner, set once by its initializer

@@ -7,17 +7,16 @@ thread-safe, so one Captioner may serve several threads.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vlmexport.bundle.decoding import DecodeOptions
-from vlmexport.bundle.preprocess import bundle_preprocessor, to_rgb
+from vlmexport.bundle.preprocess import bundle_preprocessor, load_image, open_image, to_rgb
 from vlmexport.bundle.tokenizer import decode, load_tokenizer
 from vlmexport.errors import ImageError
 from vlmexport.runtime.bundle import open_bundle
@@ -48,20 +47,8 @@ def to_image(item: ImageLike) -> Image.Image:
         except (TypeError, ValueError) as exc:
             raise ImageError(f"an array of shape {item.shape} and dtype {item.dtype} is not an image", "pass HxW or HxWx3/4 uint8 arrays") from exc
     if isinstance(item, bytes | bytearray | memoryview):
-        return _decode(io.BytesIO(bytes(item)), "bytes are")
-    path = Path(item)
-    if not path.is_file():
-        raise ImageError(f"image {path} does not exist", "pass paths to existing image files")
-    return _decode(path, f"{path} is")
-
-
-def _decode(source: io.BytesIO | Path, what: str) -> Image.Image:
-    try:
-        with Image.open(source) as image:
-            image.load()
-            return to_rgb(image)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{what} not a readable image ({exc.__class__.__name__})", "pass a PNG, JPEG or other image file") from exc
+        return load_image(bytes(item))
+    return open_image(item)
 
 
 class Captioner:

@@ -197,15 +197,17 @@ async def _form(request: Request, fields: dict[str, str], parse_timeout: float) 
     except MultiPartException as exc:  # python-multipart's limits, as Starlette words them (no field names)
         raise RequestError(HTTPStatus.BAD_REQUEST, f"bad multipart form: {exc.message}", fix, {"Connection": "close"}) from None  # the rest is unread
     image = None
-    for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            if name == "image" or image is None:
-                image = await value.read()
-            await value.close()
-        elif name == "image":
-            raise RequestError(HTTPStatus.BAD_REQUEST, "the field `image` is text, not a file", "send the file as an upload (curl -F image=@photo.png)")
-        else:
-            fields[name] = value
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name == "image" or image is None:
+                    image = await value.read()
+            elif name == "image":
+                raise RequestError(HTTPStatus.BAD_REQUEST, "the field `image` is text, not a file", "send the file as an upload (curl -F image=@photo.png)")
+            else:
+                fields[name] = value
+    finally:
+        await form.close()  # every spooled file part, on every path
     if image is None:
         raise RequestError(HTTPStatus.BAD_REQUEST, "no image in the form", "send the file in a multipart field named `image`")
     return image, fields

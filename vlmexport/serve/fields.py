@@ -11,6 +11,7 @@ caption took 15.6 s and 1.33 GB (measured on the standard-library server this re
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,7 @@ def _integer(low: int, high: Callable[[Limits], int] | int) -> Callable[[str, st
         top = high(limits) if callable(high) else high
         text = raw.strip()
         # int() alone would take "1_000" and " 7 "; only plain decimal digits are accepted.
-        if not (text.isascii() and text.lstrip("-").isdigit()) or len(text) > 20:
+        if re.fullmatch(r"-?[0-9]{1,20}", text) is None:
             raise FieldError(name, f"{name} must be an integer from {low} to {top} (got {_shown(raw)})", f"send {name} as a whole number")
         value = int(text)
         if not low <= value <= top:

@@ -13,12 +13,12 @@ import warnings
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vlmexport.bundle.preprocess import IMAGE_FORMATS
 from vlmexport.serve.problems import RequestError
 
-# What a browser or a camera sends. Not every format PIL can open: EPS, for one, runs Ghostscript.
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+FORMATS = IMAGE_FORMATS
 MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo passes; the demo model reads 224 × 224
 
 
@@ -65,7 +65,7 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
             image.load()
-            return image
+            return ImageOps.exif_transpose(image)  # upright, as bundle.preprocess.load_image and browsers do
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"the upload is not a readable image ({exc.__class__.__name__})", "send the whole, unbroken file") from None
 

@@ -13,13 +13,12 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
-
-import psutil
 
 BOUNDARY = "vlmexport-load-boundary"
 
@@ -130,12 +129,19 @@ class ServerProcess:
 
     def __init__(self, onnx_dir: Path, *options: str) -> None:
         command = [sys.executable, "-m", "vlmexport", "serve", "--onnx-dir", str(onnx_dir), "--port", "0", "--quiet", *options]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        import psutil  # the [export] extra's (tests and bench use this class; the server does not)
+
+        # stderr to a file, not a pipe: nobody reads it during a load test, and a full pipe
+        # would stall the server's logging and with it the server.
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         line = self.process.stdout.readline() if self.process.stdout else ""
         match = re.search(r"(http://localhost:\d+)/", line)
         if not match:
             self.process.kill()
-            raise RuntimeError(f"the server did not start: {line!r} {self.process.stderr.read() if self.process.stderr else ''}")
+            self.process.wait(10)
+            self.stderr.seek(0)
+            raise RuntimeError(f"the server did not start: {line!r} {self.stderr.read()}")
         self.url = match.group(1)
         self.port = int(self.url.rsplit(":", 1)[1])
         self.ps = psutil.Process(self.process.pid)
@@ -163,3 +169,4 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
+        self.stderr.close()
