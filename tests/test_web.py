@@ -139,7 +139,8 @@ def run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedPro
     return done
 
 
-def test_prefix_vlm_in_node_gives_python_tokens_for_both_layouts_fp32_and_int8(node, bundles, shapes, tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefix_vlm_in_node_gives_python_tokens_for_both_layouts_fp32_and_int8(node, bundles, shapes, tmp_path: Path, threads: int) -> None:
     _, images = shapes
     fixture = {
         "bundles": [python_reference(bundles[layout], variant, images) for layout in bundles for variant in VARIANTS],
@@ -150,7 +151,8 @@ def test_prefix_vlm_in_node_gives_python_tokens_for_both_layouts_fp32_and_int8(n
     assert any(len({tuple(t) for t in case["greedy"]}) > 1 for case in fixture["bundles"])
     path = tmp_path / "fixture.json"
     path.write_text(json.dumps(fixture))
-    done = run(["node", "--test", "--test-reporter=tap", "test/prefix_vlm.test.mjs"], 240, cwd=WEB, env={**os.environ, "VLM_WEB_FIXTURE": str(path)})
+    env = {**os.environ, "VLM_WEB_FIXTURE": str(path), "VLM_WEB_THREADS": str(threads)}
+    done = run(["node", "--test", "--test-reporter=tap", "test/prefix_vlm.test.mjs"], 240, cwd=WEB, env=env)
     counts = {key: int(value) for key, value in re.findall(r"^# (pass|fail|skipped) (\d+)$", done.stdout, re.M)}
     assert counts.get("fail") == 0 and counts.get("skipped") == 0 and counts.get("pass", 0) >= 4 + len(fixture["bundles"]), done.stdout[-3000:]
 

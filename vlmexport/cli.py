@@ -308,6 +308,27 @@ def serve(
 
 
 @app.command()
+def site(
+    onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder")] = Path("onnx"),
+    output_dir: OutputDir = Path("site"),
+    force: Force = False,
+    no_webgpu: Annotated[bool, typer.Option("--no-webgpu", help="leave out the WebGPU build of onnxruntime-web (29 MB less)")] = False,
+) -> None:
+    """Write the browser demo with the bundle as a static site (COOP/COEP by _headers or a service worker).
+
+    Example: vlmexport site --onnx-dir onnx --output-dir site && python3 -m http.server -d site
+    """
+    from vlmexport.site.build import build_site
+
+    result = build_site(onnx_dir, output_dir, force=force, webgpu=not no_webgpu)
+    out.print(
+        f"site → {result.path}: {result.files} files, {result.bytes / 1e6:.1f} MB ({result.bundle_bytes / 1e6:.1f} MB bundle: {', '.join(result.variants)}); "
+        f"serve the folder as it is, e.g. python3 -m http.server -d {result.path}",
+        markup=False, highlight=False, soft_wrap=True,
+    )
+
+
+@app.command()
 def quantize(
     onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder (with its fp32 variant)")] = Path("onnx"),
     mode: Annotated[str, typer.Option("--mode", help="int8, uint8 (unsigned weights, transformers.js style), fp16 or q4")] = "int8",
