@@ -11,13 +11,20 @@ web/install-deps.sh: missing, these tests skip on a developer's machine and fail
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import onnx
 
 import numpy as np
 import pytest
@@ -27,6 +34,8 @@ from serving import require, running_server
 from vlmexport.checkpoint.generate import DecodeOptions, decode
 from vlmexport.checkpoint.load import load_tokenizer
 from vlmexport.checkpoint.preprocess import open_image
+from vlmexport.cli import main as cli
+from vlmexport.exporter.manifest import read_manifest
 from vlmexport.exporter.export import export_bundle
 from vlmexport.quantize.quantize import quantize_bundle
 from vlmexport.runtime.bundle import open_bundle
@@ -157,13 +166,14 @@ def test_prefix_vlm_in_node_gives_python_tokens_for_both_layouts_fp32_and_int8(n
     assert counts.get("fail") == 0 and counts.get("skipped") == 0 and counts.get("pass", 0) >= 4 + len(fixture["bundles"]), done.stdout[-3000:]
 
 
-def test_demo_page_in_chromium_captions_like_python_fp32_and_int8(chromium, bundles, shapes) -> None:
+def test_demo_page_in_chromium_captions_like_python_fp32_and_int8_on_1_and_2_threads(chromium, bundles, shapes) -> None:
     _, images = shapes
     bundle = bundles["distilvit"]
     with running_server(bundle) as server:
-        for variant in VARIANTS:
-            done = run(["node", "test/browser.mjs", "--url", f"{server.url}/", "--variant", variant, "--image", str(images[0]), "--compare"], 180, cwd=WEB)
-            page = json.loads(done.stdout)
+        for variant, threads in zip(VARIANTS, ("1", "2")):
+            command = ["node", "test/browser.mjs", "--url", f"{server.url}/", "--variant", variant, "--threads", threads, "--image", str(images[0]), "--compare"]
+            page = json.loads(run(command, 180, cwd=WEB).stdout)
+            assert page["threads"] == int(threads) and f"threads: {threads}" in page["shown"]["threads"]
             expected = caption_images(bundle, [images[0]], variant)[0]
             (result,) = page["results"]
             assert result["caption"] == expected, (variant, result, expected)
@@ -173,3 +183,84 @@ def test_demo_page_in_chromium_captions_like_python_fp32_and_int8(chromium, bund
             assert page["crossOriginIsolated"] is True  # COOP/COEP served: threads would be possible
             assert set(result["timings"]) >= {"preprocess", "vision", "projection", "firstPass", "steps", "tokenizer", "total"}
             assert not [m for m in page["messages"] if m.startswith(("error", "pageerror"))], page["messages"]
+
+
+@contextmanager
+def static_server(folder: Path, log: Path) -> Iterator[str]:
+    """`python3 -m http.server` over `folder` (no custom headers), its request log in `log`."""
+    with socket.socket() as probe:  # a free port; the tiny race with another process is harmless here
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with log.open("w") as sink:
+        server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(folder)], stderr=sink, stdout=sink)
+        try:
+            for _ in range(100):
+                with socket.socket() as s, contextlib.suppress(OSError):
+                    s.connect(("127.0.0.1", port))
+                    break
+                time.sleep(0.05)
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
+def bundle_requests(log: Path, since: int) -> tuple[set[str], int]:
+    """The bundle files the browser asked the static server for (200 or 304) after log line `since`,
+    and the new line count."""
+    lines = log.read_text(errors="replace").splitlines()
+    sent = {m.group(1) for line in lines[since:] if (m := re.search(r'"GET /bundle/(\S+) HTTP/1\.[01]" (200|304)', line))}
+    return sent, len(lines)
+
+
+def test_static_site_runs_threads_caches_by_sha256_and_survives_bad_input(chromium, bundles, shapes, tmp_path: Path) -> None:
+    """`vlmexport site` served by a plain static server: cross-origin isolated by the service worker,
+    2+ threads, Python's caption; a second visit fetches only the manifest, a changed file alone;
+    a non-image and a file that does not match its hash each give one message and the page goes on."""
+    _, images = shapes
+    bundle = tmp_path / "onnx"
+    shutil.copytree(bundles["distilvit"], bundle)
+    site = tmp_path / "site"
+    assert cli(["site", "--onnx-dir", str(bundle), "--output-dir", str(site), "--no-webgpu"]) == 0
+    assert "Cross-Origin-Embedder-Policy: require-corp" in (site / "_headers").read_text()
+    expected = caption_images(bundle, [images[0]], "int8")[0]
+    profile, log = tmp_path / "profile", tmp_path / "http.log"
+    browse = ["node", "test/browser.mjs", "--profile", str(profile), "--variant", "int8"]
+    with static_server(site, log) as url:
+        first = json.loads(run([*browse, "--url", url, "--image", str(images[0])], 180, cwd=WEB).stdout)
+        assert first["crossOriginIsolated"] is True, first["messages"]
+        assert first["threads"] == min(4, first["hardwareConcurrency"]) and first["threads"] >= min(2, first["hardwareConcurrency"])
+        assert first["results"][0]["caption"] == expected
+        sent, seen = bundle_requests(log, 0)
+        assert "vlmexport.json" in sent and len(sent) == len(first["loadStats"]["downloaded"]) + 1
+
+        second = json.loads(run([*browse, "--url", url, "--image", str(images[0])], 180, cwd=WEB).stdout)
+        sent, seen = bundle_requests(log, seen)
+        assert sent == {"vlmexport.json"}, sent  # everything else from Cache Storage
+        assert second["loadStats"]["downloadedBytes"] == 0 and second["results"][0]["caption"] == expected
+
+        # Re-export one graph (same model, new bytes): only that file travels again.
+        projection = site / "bundle" / "projection_int8.onnx"
+        graph = onnx.load(projection)
+        graph.doc_string = "re-exported"
+        onnx.save(graph, projection)
+        manifest = read_manifest(site / "bundle")
+        manifest.describe_file(site / "bundle", "projection_int8.onnx", **{k: v for k, v in manifest.files["projection_int8.onnx"].items() if k not in ("size", "sha256")})
+        manifest.write(site / "bundle")
+        third = json.loads(run([*browse, "--url", url, "--image", str(images[0]), "--clear-cache"], 180, cwd=WEB).stdout)
+        sent, seen = bundle_requests(log, seen)
+        assert sent == {"vlmexport.json", "projection_int8.onnx"}, sent
+        assert third["results"][0]["caption"] == expected and third["cacheEntries"] == 0  # the button emptied it
+
+        # Bad input: a non-image, then a real image on the same page; a file changed behind the manifest's back.
+        junk = tmp_path / "junk.png"
+        junk.write_bytes(b"not an image at all")
+        bad = json.loads(run([*browse, "--url", url, "--image", str(junk), "--image", str(images[0]), "--keep-going", "--clear-cache"], 180, cwd=WEB).stdout)
+        assert "not a readable image" in bad["results"][0]["error"] and bad["results"][0]["shownError"] == bad["results"][0]["error"]
+        assert bad["results"][1]["caption"] == expected
+        tampered = bytearray(projection.read_bytes())
+        tampered[-1] ^= 1
+        projection.write_bytes(bytes(tampered))
+        done = subprocess.run([*browse, "--url", url, "--image", str(images[0]), "--clear-cache"], capture_output=True, text=True, timeout=180, cwd=WEB)
+        assert done.returncode == 1 and "projection_int8.onnx does not match its manifest sha256" in done.stderr, done.stderr[-2000:]
+        assert "pageerror" not in done.stderr
