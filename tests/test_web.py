@@ -24,9 +24,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import onnx
-
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 from serving import require, running_server
@@ -35,8 +34,8 @@ from vlmexport.checkpoint.generate import DecodeOptions, decode
 from vlmexport.checkpoint.load import load_tokenizer
 from vlmexport.checkpoint.preprocess import open_image
 from vlmexport.cli import main as cli
-from vlmexport.exporter.manifest import read_manifest
 from vlmexport.exporter.export import export_bundle
+from vlmexport.exporter.manifest import read_manifest
 from vlmexport.quantize.quantize import quantize_bundle
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.caption import bundle_preprocessor, caption_images, caption_tokens
