@@ -263,3 +263,42 @@ def test_static_site_runs_threads_caches_by_sha256_and_survives_bad_input(chromi
         done = subprocess.run([*browse, "--url", url, "--image", str(images[0]), "--clear-cache"], capture_output=True, text=True, timeout=180, cwd=WEB)
         assert done.returncode == 1 and "projection_int8.onnx does not match its manifest sha256" in done.stderr, done.stderr[-2000:]
         assert "pageerror" not in done.stderr
+
+
+def test_webgpu_placement_names_the_ops_without_a_kernel_in_the_pinned_runtime(chromium, tmp_path: Path) -> None:
+    """onnxruntime-web's own WebGPU registry, asked through headless Chromium's software adapter:
+    a dynamic-int8 MatMul has no kernel, a float MatMul and Relu have one (opset 18)."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "scale", "zero"], name="quantize"),
+        helper.make_node("MatMulInteger", ["xq", "w", "zero", "wzero"], ["acc"], name="matmul_int8"),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("MatMul", ["accf", "v"], ["y0"], name="matmul_fp32"),
+        helper.make_node("Relu", ["y0"], ["y"], name="relu"),
+    ]
+    inits = [
+        helper.make_tensor("w", TensorProto.UINT8, [4, 4], list(range(16))),
+        helper.make_tensor("wzero", TensorProto.UINT8, [], [3]),
+        helper.make_tensor("v", TensorProto.FLOAT, [4, 2], [0.5] * 8),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), tmp_path / "g.onnx")
+    done = run(["node", "tools/webgpu_placement.mjs", str(tmp_path), "g.onnx"], 180, cwd=WEB)
+    placed = json.loads(done.stdout)["g.onnx"]
+    assert placed["fallbacks"] == {"DynamicQuantizeLinear": 1, "MatMulInteger": 1}, placed
+    assert cli(["inspect", str(tmp_path), "--target", "gpu"]) == 2
+
+
+def test_demo_on_webgpu_software_adapter_captions_like_python(chromium, bundles, shapes, tmp_path: Path) -> None:
+    """device=webgpu on SwiftShader: WebGPU kernels where the runtime has them, the CPU for the rest,
+    and the same caption as the Python runtime."""
+    _, images = shapes
+    bundle = bundles["distilvit"]
+    site = tmp_path / "site"
+    assert cli(["site", "--onnx-dir", str(bundle), "--output-dir", str(site)]) == 0
+    with static_server(site, tmp_path / "http.log") as url:
+        command = ["node", "test/browser.mjs", "--url", url, "--variant", "fp32", "--device", "webgpu", "--webgpu", "--image", str(images[0])]
+        page = json.loads(run(command, 240, cwd=WEB).stdout)
+    assert page["device"] == "webgpu", page["notes"]
+    assert page["results"][0]["caption"] == caption_images(bundle, [images[0]], "fp32")[0]

@@ -110,13 +110,22 @@ def export(
 
 
 @app.command()
-def inspect(onnx_dir: Annotated[Path, typer.Argument(help="bundle folder")]) -> None:
+def inspect(
+    onnx_dir: Annotated[Path, typer.Argument(help="bundle folder")],
+    target: Annotated[str, typer.Option("--target", help="cpu, or webgpu: list per variant the ops onnxruntime-web runs without a WebGPU kernel")] = "cpu",
+) -> None:
     """Show a bundle's components, signatures, sizes and variants (hashes verified).
 
-    Example: vlmexport inspect onnx
+    Example: vlmexport inspect onnx --target webgpu
     """
+    from vlmexport.errors import UsageError
     from vlmexport.exporter.inspect import inspect_bundle
 
+    if target not in ("cpu", "webgpu"):
+        raise UsageError(f"unknown --target {target!r}", "use --target cpu or --target webgpu")
+    if target == "webgpu":
+        _inspect_webgpu(onnx_dir)
+        return
     manifest, rows = inspect_bundle(onnx_dir)
     out.print(f"layout {manifest.layout}, opset {manifest.opset}, variants {', '.join(manifest.variants)}; every sha256 verified")
     table = Table("component", "variant", "file", "MB")
@@ -129,6 +138,17 @@ def inspect(onnx_dir: Annotated[Path, typer.Argument(help="bundle folder")]) -> 
             for kind, values in (("in ", r.inputs), ("out", r.outputs)):
                 for v in values:
                     out.print(f"  {kind} {v['name']}  {v['dtype']} [{', '.join(map(str, v['shape']))}]", markup=False, highlight=False)
+
+
+def _inspect_webgpu(onnx_dir: Path) -> None:
+    from vlmexport.site.webgpu import webgpu_fallbacks
+
+    with err.status("placing every graph with onnxruntime-web's WebGPU backend (headless Chromium)"):
+        report = webgpu_fallbacks(onnx_dir)
+    table = Table("variant", "component", "file", "ops without a WebGPU kernel (nodes) → run on the CPU", title=f"{report.runtime}, adapter {report.adapter}")
+    for r in report.rows:
+        table.add_row(r.variant, r.component, r.path, ", ".join(f"{op} ({n})" for op, n in sorted(r.fallbacks.items())) or "none")
+    Console(width=max(out.width, 150)).print(table)
 
 
 @app.command()
