@@ -11,17 +11,12 @@ web/install-deps.sh: missing, these tests skip on a developer's machine and fail
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +35,7 @@ from vlmexport.quantize.quantize import quantize_bundle
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.caption import bundle_preprocessor, caption_images, caption_tokens
 from vlmexport.samples import sample_images
+from vlmexport.site.preview import static_server
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "web"
@@ -182,26 +178,6 @@ def test_demo_page_in_chromium_captions_like_python_fp32_and_int8_on_1_and_2_thr
             assert page["crossOriginIsolated"] is True  # COOP/COEP served: threads would be possible
             assert set(result["timings"]) >= {"preprocess", "vision", "projection", "firstPass", "steps", "tokenizer", "total"}
             assert not [m for m in page["messages"] if m.startswith(("error", "pageerror"))], page["messages"]
-
-
-@contextmanager
-def static_server(folder: Path, log: Path) -> Iterator[str]:
-    """`python3 -m http.server` over `folder` (no custom headers), its request log in `log`."""
-    with socket.socket() as probe:  # a free port; the tiny race with another process is harmless here
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with log.open("w") as sink:
-        server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "-d", str(folder)], stderr=sink, stdout=sink)
-        try:
-            for _ in range(100):
-                with socket.socket() as s, contextlib.suppress(OSError):
-                    s.connect(("127.0.0.1", port))
-                    break
-                time.sleep(0.05)
-            yield f"http://127.0.0.1:{port}/"
-        finally:
-            server.terminate()
-            server.wait(10)
 
 
 def bundle_requests(log: Path, since: int) -> tuple[set[str], int]:
