@@ -67,14 +67,18 @@ def drawn_images(folder: Path, count: int) -> list[Path]:
 
 
 def visit(url: str, variant: str, threads: int, images: list[Path], repeat: int, profile: Path, screenshot: Path | None = None) -> dict:
-    """One page visit through web/test/browser.mjs: what the page measured and showed."""
+    """One page visit through web/test/browser.mjs: what the page measured and showed.
+
+    Raises:
+        RuntimeError: the page failed (e.g. out of WebAssembly memory); the caller goes on.
+    """
     command = ["node", "test/browser.mjs", "--url", url, "--variant", variant, "--threads", str(threads), "--repeat", str(repeat), "--profile", str(profile)]
     command += [arg for image in images for arg in ("--image", str(image))]
     if screenshot:
         command += ["--screenshot", str(screenshot.resolve())]
     done = subprocess.run(command, cwd=WEB, capture_output=True, text=True, timeout=3600)
     if done.returncode:
-        raise SystemExit(f"browser run failed ({variant}, {threads} threads):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"browser run failed ({variant}, {threads} threads): {done.stderr.strip().splitlines()[0][:300] if done.stderr.strip() else 'no output'}")
     return json.loads(done.stdout)
 
 
@@ -150,15 +154,20 @@ def main() -> None:
                 for threads in args.threads:
                     profile = Path(tmp) / f"profile-{variant}-{threads}"
                     shot = args.screenshot if n == 0 and threads == max(args.threads) else None
-                    page = visit(url, variant, threads, images, args.repeat, profile, shot)
+                    try:
+                        page = visit(url, variant, threads, images, args.repeat, profile, shot)
+                    except RuntimeError as exc:
+                        print(exc, flush=True)
+                        break
                     assert page["threads"] == threads, f"the page ran {page['threads']} threads, not {threads}: {page['notes']}"
                     row["web"][threads] = web_medians(page, args.repeat)
                     row["native"][threads] = native(bundle, variant, threads, pixels, args.repeat)
                     if threads == max(args.threads):
                         warm = visit(url, variant, threads, images[:1], 1, profile)
                         loads[variant] = (page["loadTimings"]["total"], warm["loadTimings"]["total"], page["loadStats"]["downloadedBytes"], warm["loadStats"]["downloadedBytes"])
-                rows.append(row)
-                print(f"measured {variant}", flush=True)
+                if len(row["web"]) == len(args.threads):
+                    rows.append(row)
+                    print(f"measured {variant}", flush=True)
 
     report(rows, loads, args.threads, len(images), args.repeat)
 
