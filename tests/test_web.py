@@ -260,9 +260,15 @@ def test_webgpu_placement_names_the_ops_without_a_kernel_in_the_pinned_runtime(c
     ]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), tmp_path / "g.onnx")
-    done = run(["node", "tools/webgpu_placement.mjs", str(tmp_path), "g.onnx"], 180, cwd=WEB)
-    placed = json.loads(done.stdout)["g.onnx"]
-    assert placed["fallbacks"] == {"DynamicQuantizeLinear": 1, "MatMulInteger": 1}, placed
+    # An 8-bit MatMulNBits (the int8 recipe): claimed by the WebGPU kernel, which then refuses 8 bits.
+    nbits = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=16, N=2, bits=8, block_size=16, name="nbits")
+    blocks = [helper.make_tensor("b", TensorProto.UINT8, [2, 1, 16], [128] * 32), helper.make_tensor("s", TensorProto.FLOAT, [2], [0.1, 0.2])]
+    graph = helper.make_graph([nbits], "n", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], blocks)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), tmp_path / "n.onnx")
+    placed = json.loads(run(["node", "tools/webgpu_placement.mjs", str(tmp_path), "g.onnx", "n.onnx"], 180, cwd=WEB).stdout)
+    assert placed["g.onnx"]["fallbacks"] == {"DynamicQuantizeLinear": 1, "MatMulInteger": 1} and placed["g.onnx"]["error"] is None, placed
+    assert "MatMulNBits" in placed["n.onnx"]["error"], placed
     assert cli(["inspect", str(tmp_path), "--target", "gpu"]) == 2
 
 

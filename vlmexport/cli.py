@@ -147,7 +147,8 @@ def _inspect_webgpu(onnx_dir: Path) -> None:
         report = webgpu_fallbacks(onnx_dir)
     table = Table("variant", "component", "file", "ops without a WebGPU kernel (nodes) → run on the CPU", title=f"{report.runtime}, adapter {report.adapter}")
     for r in report.rows:
-        table.add_row(r.variant, r.component, r.path, ", ".join(f"{op} ({n})" for op, n in sorted(r.fallbacks.items())) or "none")
+        ops = ", ".join(f"{op} ({n})" for op, n in sorted(r.fallbacks.items())) or "none"
+        table.add_row(r.variant, r.component, r.path, f"cannot start on WebGPU ({r.error}): all of it" if r.error else ops)
     Console(width=max(out.width, 150)).print(table)
 
 

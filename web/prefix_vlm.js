@@ -281,17 +281,27 @@ export class PrefixConditioningVLM {
 
     await this.dispose(); // the previous variant's sessions, before this one's take the memory
     const executionProviders = this.device === 'webgpu' ? ['webgpu', 'wasm'] : ['wasm'];
+    const wasmOnly = [];
     for (const [component, rel] of graphs) {
       report(`starting ${component}`, rel);
       const sessionStarted = now();
       const externalData = external.includes(`${rel}_data`) ? [{ path: `${rel.split('/').pop()}_data`, data: files[`${rel}_data`] }] : undefined;
+      const options = { executionProviders, graphOptimizationLevel: 'all', externalData };
       try {
-        this.sessions[component] = await ort.InferenceSession.create(files[rel], { executionProviders, graphOptimizationLevel: 'all', externalData });
+        this.sessions[component] = await ort.InferenceSession.create(files[rel], options);
       } catch (error) {
-        throw new Error(`ONNX Runtime Web cannot load ${rel} (${error.message}): check the variant runs in the browser (vlmexport check)`);
+        if (this.device !== 'webgpu') throw new Error(`ONNX Runtime Web cannot load ${rel} (${error.message}): check the variant runs in the browser (vlmexport check)`);
+        // A WebGPU kernel may claim a node and then refuse it (8-bit MatMulNBits): this graph runs on WebAssembly.
+        const reason = String(error.message).split('\n')[0].split('ERROR_MESSAGE: ').pop().replace(/^\S+:\d+ \S+\(.*?\) /, '');
+        this.#note(`${rel} cannot run on WebGPU (${reason}): it runs on WebAssembly; vlmexport inspect --target webgpu lists why`);
+        wasmOnly.push(component);
+        this.sessions[component] = await ort.InferenceSession.create(files[rel], { ...options, executionProviders: ['wasm'] }).catch((again) => {
+          throw new Error(`ONNX Runtime Web cannot load ${rel} (${again.message}): check the variant runs in the browser (vlmexport check)`);
+        });
       }
       this.loadTimings[`start ${component}`] = now() - sessionStarted;
     }
+    if (wasmOnly.length === graphs.length) this.device = 'wasm'; // nothing of this variant runs on WebGPU
     this.manifest = manifest;
     this.variant = variant;
     this.loadTimings.total = now() - started;

@@ -12,6 +12,7 @@ for other opsets or the com.microsoft domain).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class WebGpuRow:
     component: str
     path: str
     fallbacks: dict[str, int]  # op type → nodes of that type without a WebGPU kernel
+    error: str | None  # why the WebGPU backend cannot start this graph at all (prefix_vlm.js then runs it on WebAssembly)
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,15 @@ def webgpu_fallbacks(bundle_dir: Path, timeout: float = 900) -> WebGpuReport:
         raise BundleError(message, "check the variant loads in onnxruntime-web (vlmexport check)")
     placed = json.loads(done.stdout)
     rows = [
-        WebGpuRow(variant, component, path, placed[path]["fallbacks"])
+        WebGpuRow(variant, component, path, placed[path]["fallbacks"], _reason(placed[path]["error"]))
         for variant, components in manifest.variants.items()
         for component, path in components.items()
     ]
     version = json.loads(package.read_text())["version"]
     adapter = next(iter(placed.values()))["adapter"] if placed else "none"
     return WebGpuReport(f"onnxruntime-web {version}", adapter, rows)
+
+
+def _reason(error: str | None) -> str | None:
+    """onnxruntime's message without its source path and C++ signature (`/…/matmul_nbits.h:21 onnxruntime::…(…) `)."""
+    return None if error is None else re.sub(r"^\S+:\d+ \S+\(.*?\) ", "", error).strip()

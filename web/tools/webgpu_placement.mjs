@@ -3,7 +3,8 @@
  *
  *   node web/tools/webgpu_placement.mjs BUNDLE_DIR GRAPH.onnx [GRAPH.onnx ...]
  *
- * Prints JSON {graph: {adapter, fallbacks: {opType: node count}}} on stdout. Each graph is started with
+ * Prints JSON {graph: {adapter, fallbacks: {opType: node count}, error}} on stdout; `error` (else null)
+ * is why the WebGPU backend cannot start the graph at all (e.g. 8-bit MatMulNBits). Each graph is started with
  * the WebGPU execution provider in headless Chromium on SwiftShader's software adapter, with verbose
  * logging; onnxruntime-web then reports every node its WebGPU kernel registry cannot take ("webgpu
  * kernel not found in registries for Op type: X"), which run on the WebAssembly CPU provider instead.
@@ -31,8 +32,14 @@ ort.env.logLevel = 'verbose';
 ort.env.wasm.numThreads = 1;
 window.place = async (graph) => {
   const bytes = new Uint8Array(await (await fetch('/bundle/' + graph)).arrayBuffer());
-  const session = await ort.InferenceSession.create(bytes, { executionProviders: ['webgpu'], logSeverityLevel: 0, logVerbosityLevel: 0 });
-  await session.release();
+  try {
+    const session = await ort.InferenceSession.create(bytes, { executionProviders: ['webgpu'], logSeverityLevel: 0, logVerbosityLevel: 0 });
+    await session.release();
+    return null;
+  } catch (error) {
+    // A kernel that claimed a node and then refused its attributes: the last line says which.
+    return String(error.message).split('ERROR_MESSAGE: ').pop().split(String.fromCharCode(10))[0];
+  }
 };
 window.adapter = navigator.gpu ? await navigator.gpu.requestAdapter() : null;
 window.ready = true;
@@ -63,15 +70,15 @@ try {
     if (match && current) (found[current][match[1]] ??= new Set()).add(match[2].trim());
   });
   await page.goto(`${ORIGIN}/`);
-  await page.waitForFunction(() => window.ready, null, { timeout: 60000 });
+  await page.waitForFunction(() => window.ready, null, { timeout: 300000 });
   const adapter = await page.evaluate(() => (window.adapter ? window.adapter.info?.architecture || 'unknown' : null));
   if (!adapter) throw new Error('this Chromium offers no WebGPU adapter (not even SwiftShader)');
   const result = {};
   for (const graph of graphs) {
     current = graph;
     found[graph] = {};
-    await page.evaluate((g) => window.place(g), graph);
-    result[graph] = { adapter, fallbacks: Object.fromEntries(Object.entries(found[graph]).map(([op, nodes]) => [op, nodes.size])) };
+    const error = await page.evaluate((g) => window.place(g), graph);
+    result[graph] = { adapter, fallbacks: Object.fromEntries(Object.entries(found[graph]).map(([op, nodes]) => [op, nodes.size])), error };
   }
   console.log(JSON.stringify(result));
 } catch (error) {
