@@ -167,7 +167,8 @@ def main() -> None:
                         loads[variant] = (page["loadTimings"]["total"], warm["loadTimings"]["total"], page["loadStats"]["downloadedBytes"], warm["loadStats"]["downloadedBytes"])
                 if len(row["web"]) == len(args.threads):
                     rows.append(row)
-                    print(f"measured {variant}", flush=True)
+                    # Each variant's numbers as soon as they exist: a long run stopped early keeps them.
+                    print(f"measured {variant}: " + json.dumps({**row, "load": loads.get(variant)}), flush=True)
 
     report(rows, loads, args.threads, len(images), args.repeat)
 
