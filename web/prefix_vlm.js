@@ -44,8 +44,12 @@ const OPTIONAL_FILES = ['generation_config.json'];
 export const CACHE_NAME = 'vlmexport-bundle-v1';
 const MAX_THREADS = 4;
 // Variants from fastest to slowest caption in Chromium's WebAssembly at full size (smollm-135m-siglip-base,
-// bench/web_bench.py, see the README's browser table); the demo takes the first one that passed its check.
-export const SPEED_ORDER = ['int8', 'uint8', 'q4', 'fp32', 'fp16'];
+// bench/web_bench.py, the README's browser table: dynamic int8 3.8 s, fp32 7.6 s, fp16 8.5 s, q4 25 s,
+// blockwise int8/uint8 55-65 s); the demo takes the first one that passed its check. 8-bit MatMulNBits
+// (the blockwise recipe) is that slow in onnxruntime-web 1.30, so such a variant ranks last.
+export const SPEED_ORDER = ['int8', 'uint8', 'fp32', 'fp16', 'q4'];
+const blockwise8 = (manifest, variant) =>
+  ['int8', 'uint8'].includes(variant) && Object.values(manifest.variants[variant]).some((rel) => manifest.files?.[rel]?.ops?.includes('com.microsoft.MatMulNBits'));
 
 // The runtime every tensor and session comes from: the WebAssembly build, or the build with
 // WebGPU once a model is loaded with device 'webgpu' (a tensor must come from its session's runtime).
@@ -101,10 +105,11 @@ export function chooseThreads(requested) {
   return { threads: 1, note: null };
 }
 
-/** The variant a page should load by default: the first of SPEED_ORDER that the bundle has and
- * whose last check passed, else the first it has, else fp32. */
+/** The variant a page should load by default: the first of SPEED_ORDER (blockwise 8-bit variants last)
+ * that the bundle has and whose last check passed, else the first it has. */
 export function pickVariant(manifest) {
-  const present = SPEED_ORDER.filter((v) => manifest.variants[v]);
+  const ranked = SPEED_ORDER.filter((v) => manifest.variants[v]);
+  const present = [...ranked.filter((v) => !blockwise8(manifest, v)), ...ranked.filter((v) => blockwise8(manifest, v))];
   return present.find((v) => manifest.checks?.[v]?.passed === true) ?? present[0] ?? Object.keys(manifest.variants)[0];
 }
 

@@ -186,6 +186,9 @@ test('the default variant is the fastest one that passed its check', () => {
   assert.equal(pickVariant(manifest({ fp32: { passed: true }, int8: { passed: true } })), 'int8');
   assert.equal(pickVariant(manifest({ fp32: { passed: true }, int8: { passed: false } })), 'fp32');
   assert.equal(pickVariant(manifest({})), 'int8'); // nothing checked: the fastest present
+  // A blockwise (MatMulNBits) int8 is the slowest in the browser: fp32 goes first.
+  const blockwise = { variants: { fp32: { d: 'd.onnx' }, int8: { d: 'd_int8.onnx' } }, files: { 'd_int8.onnx': { ops: ['Add', 'com.microsoft.MatMulNBits'] } }, checks: { fp32: { passed: true }, int8: { passed: true } } };
+  assert.equal(pickVariant(blockwise), 'fp32');
 });
 
 test('device webgpu falls back to WebAssembly with a note where there is no adapter; an unknown device is refused', needsFixture, async () => {
