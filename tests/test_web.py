@@ -20,18 +20,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 from serving import require, running_server
 
 from vlmexport.bundle.decoding import DecodeOptions
+from vlmexport.bundle.manifest import read_manifest
 from vlmexport.bundle.preprocess import bundle_preprocessor, open_image
 from vlmexport.bundle.tokenizer import decode, load_tokenizer
+from vlmexport.cli import main as cli
 from vlmexport.exporter.export import export_bundle
 from vlmexport.quantize.quantize import quantize_bundle
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.caption import caption_images, caption_tokens
 from vlmexport.samples import sample_images
+from vlmexport.site.preview import static_server
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "web"
@@ -139,7 +143,8 @@ def run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedPro
     return done
 
 
-def test_prefix_vlm_in_node_gives_python_tokens_for_both_layouts_fp32_and_int8(node, bundles, shapes, tmp_path: Path) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prefix_vlm_in_node_gives_python_tokens_for_both_layouts_fp32_and_int8(node, bundles, shapes, tmp_path: Path, threads: int) -> None:
     _, images = shapes
     fixture = {
         "bundles": [python_reference(bundles[layout], variant, images) for layout in bundles for variant in VARIANTS],
@@ -150,18 +155,20 @@ def test_prefix_vlm_in_node_gives_python_tokens_for_both_layouts_fp32_and_int8(n
     assert any(len({tuple(t) for t in case["greedy"]}) > 1 for case in fixture["bundles"])
     path = tmp_path / "fixture.json"
     path.write_text(json.dumps(fixture))
-    done = run(["node", "--test", "--test-reporter=tap", "test/prefix_vlm.test.mjs"], 240, cwd=WEB, env={**os.environ, "VLM_WEB_FIXTURE": str(path)})
+    env = {**os.environ, "VLM_WEB_FIXTURE": str(path), "VLM_WEB_THREADS": str(threads)}
+    done = run(["node", "--test", "--test-reporter=tap", "test/prefix_vlm.test.mjs"], 240, cwd=WEB, env=env)
     counts = {key: int(value) for key, value in re.findall(r"^# (pass|fail|skipped) (\d+)$", done.stdout, re.M)}
     assert counts.get("fail") == 0 and counts.get("skipped") == 0 and counts.get("pass", 0) >= 4 + len(fixture["bundles"]), done.stdout[-3000:]
 
 
-def test_demo_page_in_chromium_captions_like_python_fp32_and_int8(chromium, bundles, shapes) -> None:
+def test_demo_page_in_chromium_captions_like_python_fp32_and_int8_on_1_and_2_threads(chromium, bundles, shapes) -> None:
     _, images = shapes
     bundle = bundles["distilvit"]
     with running_server(bundle) as server:
-        for variant in VARIANTS:
-            done = run(["node", "test/browser.mjs", "--url", f"{server.url}/", "--variant", variant, "--image", str(images[0]), "--compare"], 180, cwd=WEB)
-            page = json.loads(done.stdout)
+        for variant, threads in zip(VARIANTS, ("1", "2")):
+            command = ["node", "test/browser.mjs", "--url", f"{server.url}/", "--variant", variant, "--threads", threads, "--image", str(images[0]), "--compare"]
+            page = json.loads(run(command, 180, cwd=WEB).stdout)
+            assert page["threads"] == int(threads) and f"threads: {threads}" in page["shown"]["threads"]
             expected = caption_images(bundle, [images[0]], variant)[0]
             (result,) = page["results"]
             assert result["caption"] == expected, (variant, result, expected)
@@ -171,3 +178,109 @@ def test_demo_page_in_chromium_captions_like_python_fp32_and_int8(chromium, bund
             assert page["crossOriginIsolated"] is True  # COOP/COEP served: threads would be possible
             assert set(result["timings"]) >= {"preprocess", "vision", "projection", "firstPass", "steps", "tokenizer", "total"}
             assert not [m for m in page["messages"] if m.startswith(("error", "pageerror"))], page["messages"]
+
+
+def bundle_requests(log: Path, since: int) -> tuple[set[str], int]:
+    """The bundle files the browser asked the static server for (200 or 304) after log line `since`,
+    and the new line count."""
+    lines = log.read_text(errors="replace").splitlines()
+    sent = {m.group(1) for line in lines[since:] if (m := re.search(r'"GET /bundle/(\S+) HTTP/1\.[01]" (200|304)', line))}
+    return sent, len(lines)
+
+
+def test_static_site_runs_threads_caches_by_sha256_and_survives_bad_input(chromium, bundles, shapes, tmp_path: Path) -> None:
+    """`vlmexport site` served by a plain static server: cross-origin isolated by the service worker,
+    2+ threads, Python's caption; a second visit fetches only the manifest, a changed file alone;
+    a non-image and a file that does not match its hash each give one message and the page goes on."""
+    _, images = shapes
+    bundle = tmp_path / "onnx"
+    shutil.copytree(bundles["distilvit"], bundle)
+    site = tmp_path / "site"
+    assert cli(["site", "--onnx-dir", str(bundle), "--output-dir", str(site), "--no-webgpu"]) == 0
+    assert "Cross-Origin-Embedder-Policy: require-corp" in (site / "_headers").read_text()
+    expected = caption_images(bundle, [images[0]], "int8")[0]
+    profile, log = tmp_path / "profile", tmp_path / "http.log"
+    browse = ["node", "test/browser.mjs", "--profile", str(profile), "--variant", "int8"]
+    with static_server(site, log) as url:
+        first = json.loads(run([*browse, "--url", url, "--image", str(images[0])], 180, cwd=WEB).stdout)
+        assert first["crossOriginIsolated"] is True, first["messages"]
+        assert first["threads"] == min(4, first["hardwareConcurrency"]) and first["threads"] >= min(2, first["hardwareConcurrency"])
+        assert first["results"][0]["caption"] == expected
+        sent, seen = bundle_requests(log, 0)
+        assert "vlmexport.json" in sent and len(sent) == len(first["loadStats"]["downloaded"]) + 1
+
+        second = json.loads(run([*browse, "--url", url, "--image", str(images[0])], 180, cwd=WEB).stdout)
+        sent, seen = bundle_requests(log, seen)
+        assert sent == {"vlmexport.json"}, sent  # everything else from Cache Storage
+        assert second["loadStats"]["downloadedBytes"] == 0 and second["results"][0]["caption"] == expected
+
+        # Re-export one graph (same model, new bytes): only that file travels again.
+        projection = site / "bundle" / "projection_int8.onnx"
+        graph = onnx.load(projection)
+        graph.doc_string = "re-exported"
+        onnx.save(graph, projection)
+        manifest = read_manifest(site / "bundle")
+        manifest.describe_file(site / "bundle", "projection_int8.onnx", **{k: v for k, v in manifest.files["projection_int8.onnx"].items() if k not in ("size", "sha256")})
+        manifest.write(site / "bundle")
+        third = json.loads(run([*browse, "--url", url, "--image", str(images[0]), "--clear-cache"], 180, cwd=WEB).stdout)
+        sent, seen = bundle_requests(log, seen)
+        assert sent == {"vlmexport.json", "projection_int8.onnx"}, sent
+        assert third["results"][0]["caption"] == expected and third["cacheEntries"] == 0  # the button emptied it
+
+        # Bad input: a non-image, then a real image on the same page; a file changed behind the manifest's back.
+        junk = tmp_path / "junk.png"
+        junk.write_bytes(b"not an image at all")
+        bad = json.loads(run([*browse, "--url", url, "--image", str(junk), "--image", str(images[0]), "--keep-going", "--clear-cache"], 180, cwd=WEB).stdout)
+        assert "not a readable image" in bad["results"][0]["error"] and bad["results"][0]["shownError"] == bad["results"][0]["error"]
+        assert bad["results"][1]["caption"] == expected
+        tampered = bytearray(projection.read_bytes())
+        tampered[-1] ^= 1
+        projection.write_bytes(bytes(tampered))
+        done = subprocess.run([*browse, "--url", url, "--image", str(images[0]), "--clear-cache"], capture_output=True, text=True, timeout=180, cwd=WEB)
+        assert done.returncode == 1 and "projection_int8.onnx does not match its manifest sha256" in done.stderr, done.stderr[-2000:]
+        assert "pageerror" not in done.stderr
+
+
+def test_webgpu_placement_names_the_ops_without_a_kernel_in_the_pinned_runtime(chromium, tmp_path: Path) -> None:
+    """onnxruntime-web's own WebGPU registry, asked through headless Chromium's software adapter:
+    a dynamic-int8 MatMul has no kernel, a float MatMul and Relu have one (opset 18)."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "scale", "zero"], name="quantize"),
+        helper.make_node("MatMulInteger", ["xq", "w", "zero", "wzero"], ["acc"], name="matmul_int8"),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("MatMul", ["accf", "v"], ["y0"], name="matmul_fp32"),
+        helper.make_node("Relu", ["y0"], ["y"], name="relu"),
+    ]
+    inits = [
+        helper.make_tensor("w", TensorProto.UINT8, [4, 4], list(range(16))),
+        helper.make_tensor("wzero", TensorProto.UINT8, [], [3]),
+        helper.make_tensor("v", TensorProto.FLOAT, [4, 2], [0.5] * 8),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), tmp_path / "g.onnx")
+    # An 8-bit MatMulNBits (the int8 recipe): claimed by the WebGPU kernel, which then refuses 8 bits.
+    nbits = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=16, N=2, bits=8, block_size=16, name="nbits")
+    blocks = [helper.make_tensor("b", TensorProto.UINT8, [2, 1, 16], [128] * 32), helper.make_tensor("s", TensorProto.FLOAT, [2], [0.1, 0.2])]
+    graph = helper.make_graph([nbits], "n", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], blocks)
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), tmp_path / "n.onnx")
+    placed = json.loads(run(["node", "tools/webgpu_placement.mjs", str(tmp_path), "g.onnx", "n.onnx"], 180, cwd=WEB).stdout)
+    assert placed["g.onnx"]["fallbacks"] == {"DynamicQuantizeLinear": 1, "MatMulInteger": 1} and placed["g.onnx"]["error"] is None, placed
+    assert "MatMulNBits" in placed["n.onnx"]["error"], placed
+    assert cli(["inspect", str(tmp_path), "--target", "gpu"]) == 2
+
+
+def test_demo_on_webgpu_software_adapter_captions_like_python(chromium, bundles, shapes, tmp_path: Path) -> None:
+    """device=webgpu on SwiftShader: WebGPU kernels where the runtime has them, the CPU for the rest,
+    and the same caption as the Python runtime."""
+    _, images = shapes
+    bundle = bundles["distilvit"]
+    site = tmp_path / "site"
+    assert cli(["site", "--onnx-dir", str(bundle), "--output-dir", str(site)]) == 0
+    with static_server(site, tmp_path / "http.log") as url:
+        command = ["node", "test/browser.mjs", "--url", url, "--variant", "fp32", "--device", "webgpu", "--webgpu", "--image", str(images[0])]
+        page = json.loads(run(command, 240, cwd=WEB).stdout)
+    assert page["device"] == "webgpu", page["notes"]
+    assert page["results"][0]["caption"] == caption_images(bundle, [images[0]], "fp32")[0]

@@ -116,13 +116,22 @@ def export(
 
 
 @app.command()
-def inspect(onnx_dir: Annotated[Path, typer.Argument(help="bundle folder")]) -> None:
+def inspect(
+    onnx_dir: Annotated[Path, typer.Argument(help="bundle folder")],
+    target: Annotated[str, typer.Option("--target", help="cpu, or webgpu: list per variant the ops onnxruntime-web runs without a WebGPU kernel")] = "cpu",
+) -> None:
     """Show a bundle's components, signatures, sizes and variants (hashes verified).
 
-    Example: vlmexport inspect onnx
+    Example: vlmexport inspect onnx --target webgpu
     """
+    from vlmexport.errors import UsageError
     from vlmexport.exporter.inspect import inspect_bundle
 
+    if target not in ("cpu", "webgpu"):
+        raise UsageError(f"unknown --target {target!r}", "use --target cpu or --target webgpu")
+    if target == "webgpu":
+        _inspect_webgpu(onnx_dir)
+        return
     manifest, rows = inspect_bundle(onnx_dir)
     out.print(f"layout {manifest.layout}, opset {manifest.opset}, variants {', '.join(manifest.variants)}; every sha256 verified")
     table = Table("component", "variant", "file", "MB")
@@ -135,6 +144,18 @@ def inspect(onnx_dir: Annotated[Path, typer.Argument(help="bundle folder")]) -> 
             for kind, values in (("in ", r.inputs), ("out", r.outputs)):
                 for v in values:
                     out.print(f"  {kind} {v['name']}  {v['dtype']} [{', '.join(map(str, v['shape']))}]", markup=False, highlight=False)
+
+
+def _inspect_webgpu(onnx_dir: Path) -> None:
+    from vlmexport.site.webgpu import webgpu_fallbacks
+
+    with err.status("placing every graph with onnxruntime-web's WebGPU backend (headless Chromium)"):
+        report = webgpu_fallbacks(onnx_dir)
+    table = Table("variant", "component", "file", "ops without a WebGPU kernel (nodes) → run on the CPU", title=f"{report.runtime}, adapter {report.adapter}")
+    for r in report.rows:
+        ops = ", ".join(f"{op} ({n})" for op, n in sorted(r.fallbacks.items())) or "none"
+        table.add_row(r.variant, r.component, r.path, f"cannot start on WebGPU ({r.error}): all of it" if r.error else ops)
+    Console(width=max(out.width, 150)).print(table)
 
 
 @app.command()
@@ -338,6 +359,27 @@ def serve(
     finally:
         server.server_close()
     out.print("stopped")
+
+
+@app.command()
+def site(
+    onnx_dir: Annotated[Path, typer.Option("--onnx-dir", help="bundle folder")] = Path("onnx"),
+    output_dir: OutputDir = Path("site"),
+    force: Force = False,
+    no_webgpu: Annotated[bool, typer.Option("--no-webgpu", help="leave out the WebGPU build of onnxruntime-web (29 MB less)")] = False,
+) -> None:
+    """Write the browser demo with the bundle as a static site (COOP/COEP by _headers or a service worker).
+
+    Example: vlmexport site --onnx-dir onnx --output-dir site && python3 -m http.server -d site
+    """
+    from vlmexport.site.build import build_site
+
+    result = build_site(onnx_dir, output_dir, force=force, webgpu=not no_webgpu)
+    out.print(
+        f"site → {result.path}: {result.files} files, {result.bytes / 1e6:.1f} MB ({result.bundle_bytes / 1e6:.1f} MB bundle: {', '.join(result.variants)}); "
+        f"serve the folder as it is, e.g. python3 -m http.server -d {result.path}",
+        markup=False, highlight=False, soft_wrap=True,
+    )
 
 
 @app.command()

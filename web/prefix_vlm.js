@@ -13,13 +13,22 @@
  * empty past, each later step an empty prefix). Every file is checked against the manifest's
  * size and sha256. Graph inputs and outputs are float32 in every variant (the quantized and
  * fp16 variants keep float32 IO), so caches pass from one call to the next untouched. Generation mirrors vlmexport/runtime/generate.py (see decoding.js);
- * preprocessing mirrors vlmexport/checkpoint/preprocess.py (see preprocess.js); text comes from
+ * preprocessing mirrors vlmexport/bundle/preprocess.py (see preprocess.js); text comes from
  * the bundle's tokenizer.json through @huggingface/tokenizers.
  *
  * Bare imports ('onnxruntime-web', '@huggingface/tokenizers') resolve from node_modules in Node
- * and through the import map of demo.html in a browser.
+ * and through the import map of demo.html in a browser; `device: 'webgpu'` imports
+ * 'onnxruntime-web/all' (the build with the WebGPU backend) on first use only.
+ *
+ * Threads: WebAssembly threads need SharedArrayBuffer, which a browser grants only to a
+ * cross-origin isolated page (COOP/COEP headers, or the service worker `vlmexport site` writes).
+ * There the default is navigator.hardwareConcurrency threads, at most 4; onnxruntime-web's own
+ * default, min(4, ceil(cores / 2)), leaves a 2-core machine on one thread (measured 1.58x slower).
+ *
+ * Cache: every file is kept in Cache Storage under its manifest sha256, so a second visit fetches
+ * only vlmexport.json and a re-exported file is fetched alone; `clearCache()` deletes it.
  */
-import * as ort from 'onnxruntime-web';
+import * as wasmRuntime from 'onnxruntime-web';
 import { Tokenizer } from '@huggingface/tokenizers';
 
 import { beamSearch, decodeOptions, makeRng, sample } from './decoding.js';
@@ -31,6 +40,20 @@ const LAYOUTS = {
   compact: ['vision_encoder', 'projection', 'decoder'],
 };
 const SIDE_FILES = ['preprocessor_config.json', 'tokenizer.json', 'tokenizer_config.json'];
+const OPTIONAL_FILES = ['generation_config.json'];
+export const CACHE_NAME = 'vlmexport-bundle-v1';
+const MAX_THREADS = 4;
+// Variants from fastest to slowest caption in Chromium's WebAssembly at full size (smollm-135m-siglip-base,
+// bench/web_bench.py, the README's browser table: dynamic int8 3.8 s, fp32 7.6 s, fp16 8.5 s, q4 25 s,
+// blockwise int8/uint8 55-65 s); the demo takes the first one that passed its check. 8-bit MatMulNBits
+// (the blockwise recipe) is that slow in onnxruntime-web 1.30, so such a variant ranks last.
+export const SPEED_ORDER = ['int8', 'uint8', 'fp32', 'fp16', 'q4'];
+const blockwise8 = (manifest, variant) =>
+  ['int8', 'uint8'].includes(variant) && Object.values(manifest.variants[variant]).some((rel) => manifest.files?.[rel]?.ops?.includes('com.microsoft.MatMulNBits'));
+
+// The runtime every tensor and session comes from: the WebAssembly build, or the build with
+// WebGPU once a model is loaded with device 'webgpu' (a tensor must come from its session's runtime).
+let ort = wasmRuntime;
 
 const now = () => globalThis.performance.now();
 
@@ -38,8 +61,8 @@ function joinUrl(base, relative) {
   return base.endsWith('/') ? base + relative : `${base}/${relative}`;
 }
 
-async function fetchOk(fetchFn, url) {
-  const response = await fetchFn(url);
+async function fetchOk(fetchFn, url, init) {
+  const response = await fetchFn(url, init);
   if (!response.ok) throw new Error(`cannot fetch ${url}: HTTP ${response.status}`);
   return response;
 }
@@ -50,11 +73,66 @@ async function fetchOk(fetchFn, url) {
  * @param {typeof fetch} [fetchFn]
  */
 export async function readManifest(baseUrl, fetchFn = globalThis.fetch) {
-  const manifest = await (await fetchOk(fetchFn, joinUrl(baseUrl, MANIFEST))).json();
+  // Always asked of the server (revalidated, never taken from the HTTP cache unchecked): it says
+  // which cached files are still current.
+  const manifest = await (await fetchOk(fetchFn, joinUrl(baseUrl, MANIFEST), { cache: 'no-cache' })).json();
   if (manifest.schema_version !== 1 || !(manifest.layout in LAYOUTS)) {
     throw new Error(`${joinUrl(baseUrl, MANIFEST)} is not a vlmexport manifest this page can run (schema ${manifest.schema_version}, layout ${manifest.layout}): re-export with vlmexport export`);
   }
   return manifest;
+}
+
+/**
+ * The threads a page may use and why: `requested` when given, else navigator.hardwareConcurrency
+ * (at most 4) on a cross-origin isolated page, else 1 — SharedArrayBuffer, which threads need,
+ * exists only there. In Node (no crossOriginIsolated) the default is 1, `requested` is honoured.
+ * @returns {{threads: number, note: string|null}}
+ */
+export function chooseThreads(requested) {
+  const isolated = globalThis.crossOriginIsolated;
+  if (requested !== undefined && requested !== null) {
+    const threads = Number(requested);
+    if (!Number.isInteger(threads) || threads < 1) throw new Error(`numThreads must be a whole number ≥ 1, not ${requested}`);
+    if (threads > 1 && isolated === false) {
+      return { threads: 1, note: `${threads} threads were asked for but this page is not cross-origin isolated (no COOP/COEP headers), so WebAssembly runs on 1 thread: serve it with vlmexport serve or vlmexport site` };
+    }
+    return { threads, note: null };
+  }
+  if (isolated === true) return { threads: Math.max(1, Math.min(MAX_THREADS, globalThis.navigator?.hardwareConcurrency || 1)), note: null };
+  if (isolated === false) {
+    return { threads: 1, note: 'this page is not cross-origin isolated (no COOP/COEP headers), so WebAssembly runs on 1 thread: serve it with vlmexport serve or vlmexport site for threads' };
+  }
+  return { threads: 1, note: null };
+}
+
+/** The variant a page should load by default: the first of SPEED_ORDER (blockwise 8-bit variants last)
+ * that the bundle has and whose last check passed, else the first it has. */
+export function pickVariant(manifest) {
+  const ranked = SPEED_ORDER.filter((v) => manifest.variants[v]);
+  const present = [...ranked.filter((v) => !blockwise8(manifest, v)), ...ranked.filter((v) => blockwise8(manifest, v))];
+  return present.find((v) => manifest.checks?.[v]?.passed === true) ?? present[0] ?? Object.keys(manifest.variants)[0];
+}
+
+/** Cache Storage for bundle files, or null where there is none (Node, insecure http pages). */
+async function openCache(enabled) {
+  if (!enabled || !globalThis.caches) return null;
+  try {
+    return await globalThis.caches.open(CACHE_NAME);
+  } catch {
+    return null; // e.g. storage disabled by the user: load from the network every time
+  }
+}
+
+// Content-addressed keys: a file is found again whatever URL or bundle folder it came from, and a
+// changed file (new sha256) is a different key. The URL is never fetched.
+const cacheKey = (sha256) => new URL(`/.vlmexport-cache/sha256/${sha256}`, globalThis.location?.href ?? 'http://localhost/').href;
+
+/**
+ * Delete every cached bundle file (Cache Storage); the next load downloads them again.
+ * @returns {Promise<boolean>} whether there was a cache to delete
+ */
+export async function clearCache() {
+  return globalThis.caches ? globalThis.caches.delete(CACHE_NAME) : false;
 }
 
 async function sha256Hex(bytes) {
@@ -128,24 +206,37 @@ export class PrefixConditioningVLM {
     this.generationConfig = {};
     this.loadTimings = {};
     this.lastTimings = {};
+    this.loadStats = null;
+    this.notes = [];
+    this.threads = null;
+    this.device = null;
   }
 
   /**
-   * Download, verify and start every graph of one variant, plus the tokenizer and preprocessing.
+   * Download (or take from the cache), verify and start every graph of one variant, plus the
+   * tokenizer and preprocessing.
    * @param {string} baseUrl folder URL of the bundle
    * @param {object} [options]
    * @param {string} [options.variant='fp32'] a key of the manifest's `variants` (fp32, int8, ...)
    * @param {(message: string, percent: number, detail: object) => void} [options.onProgress]
+   *   detail: {file, loaded, total, fromCache} — bytes so far of the files this variant needs
    * @param {typeof fetch} [options.fetch] how to fetch files (default: global fetch)
    * @param {boolean} [options.verify=true] check sizes and sha256 against the manifest
-   * @param {number} [options.numThreads=1] WebAssembly threads (more need a cross-origin isolated page)
+   * @param {number} [options.numThreads] WebAssembly threads (default: see chooseThreads); fixed
+   *   by the first load of a page, as onnxruntime-web starts its WebAssembly once
+   * @param {boolean} [options.cache=true] keep files in Cache Storage under their sha256
+   * @param {'wasm'|'webgpu'} [options.device='wasm'] webgpu falls back to wasm, with a note, where
+   *   the browser has no WebGPU adapter
+   * @param {object} [options.manifest] the bundle's manifest when already read (readManifest), to fetch it once
    * @returns {Promise<PrefixConditioningVLM>} this
    */
-  async loadModel(baseUrl, { variant = 'fp32', onProgress = () => {}, fetch: fetchFn = globalThis.fetch, verify = true, numThreads = 1 } = {}) {
+  async loadModel(baseUrl, { variant = 'fp32', onProgress = () => {}, fetch: fetchFn = globalThis.fetch, verify = true, numThreads, cache = true, device = 'wasm', manifest: known = null } = {}) {
     const started = now();
     this.loadTimings = {};
-    ort.env.wasm.numThreads = numThreads;
-    const manifest = await readManifest(baseUrl, fetchFn);
+    this.notes = [];
+    this.device = await this.#useDevice(device);
+    this.#useThreads(numThreads);
+    const manifest = known ?? (await readManifest(baseUrl, fetchFn));
     if (!manifest.variants[variant]) {
       throw new Error(`variant "${variant}" is not in this bundle (it has ${Object.keys(manifest.variants).join(', ')}): pick one of those or run vlmexport quantize`);
     }
@@ -153,46 +244,144 @@ export class PrefixConditioningVLM {
     const missing = LAYOUTS[manifest.layout].filter((component) => !manifest.variants[variant][component]);
     if (missing.length) throw new Error(`variant ${variant} lacks ${missing.join(', ')}: re-export the bundle`);
     const external = graphs.map(([, rel]) => `${rel}_data`).filter((rel) => rel in manifest.files);
-    const wanted = [...SIDE_FILES, ...graphs.map(([, rel]) => rel), ...external];
+    const optional = OPTIONAL_FILES.filter((rel) => rel in manifest.files);
+    const wanted = [...SIDE_FILES, ...optional, ...graphs.map(([, rel]) => rel), ...external];
     const total = wanted.reduce((sum, rel) => sum + (manifest.files[rel]?.size ?? 0), 0);
+    const stats = { downloadedBytes: 0, cachedBytes: 0, downloaded: [], fromCache: [] };
     let loaded = 0;
-    const report = (message, file) => onProgress(message, total ? Math.min(100, (100 * loaded) / total) : 100, { file, loaded, total });
+    const report = (message, file, fromCache = false) => onProgress(message, total ? Math.min(100, (100 * loaded) / total) : 100, { file, loaded, total, fromCache });
 
+    const store = await openCache(cache);
     const files = {};
     for (const rel of wanted) {
       const fileStarted = now();
       const info = manifest.files[rel];
-      const response = await fetchOk(fetchFn, joinUrl(baseUrl, rel));
-      files[rel] = await readBody(response, (count) => {
-        loaded += count;
-        report(`downloading ${rel}`, rel);
-      });
-      if (verify && info) await this.#verify(rel, files[rel], info);
-      this.loadTimings[`download ${rel}`] = now() - fileStarted;
+      const cached = store && info ? await this.#fromCache(store, info) : null;
+      if (cached) {
+        files[rel] = cached;
+        loaded += cached.length;
+        stats.cachedBytes += cached.length;
+        stats.fromCache.push(rel);
+        report(`${rel} from cache`, rel, true);
+      } else {
+        const response = await fetchOk(fetchFn, joinUrl(baseUrl, rel));
+        files[rel] = await readBody(response, (count) => {
+          loaded += count;
+          report(`downloading ${rel}`, rel);
+        });
+        if (verify && info) await this.#verify(rel, files[rel], info);
+        stats.downloadedBytes += files[rel].length;
+        stats.downloaded.push(rel);
+        if (store && info) await this.#toCache(store, info, files[rel]);
+      }
+      this.loadTimings[`${cached ? 'cache' : 'download'} ${rel}`] = now() - fileStarted;
     }
+    if (store) await PrefixConditioningVLM.#prune(store, manifest);
+    this.loadStats = stats;
 
     const text = (rel) => JSON.parse(new TextDecoder().decode(files[rel]));
     this.preprocessor = readPreprocessorConfig(text('preprocessor_config.json'));
     this.tokenizer = new Tokenizer(text('tokenizer.json'), text('tokenizer_config.json'));
-    this.generationConfig = await fetchFn(joinUrl(baseUrl, 'generation_config.json')).then((r) => (r.ok ? r.json() : {}), () => ({}));
+    this.generationConfig = optional.includes('generation_config.json') ? text('generation_config.json') : {};
 
     await this.dispose(); // the previous variant's sessions, before this one's take the memory
+    const executionProviders = this.device === 'webgpu' ? ['webgpu', 'wasm'] : ['wasm'];
+    const wasmOnly = [];
     for (const [component, rel] of graphs) {
       report(`starting ${component}`, rel);
       const sessionStarted = now();
       const externalData = external.includes(`${rel}_data`) ? [{ path: `${rel.split('/').pop()}_data`, data: files[`${rel}_data`] }] : undefined;
+      const options = { executionProviders, graphOptimizationLevel: 'all', externalData };
       try {
-        this.sessions[component] = await ort.InferenceSession.create(files[rel], { executionProviders: ['wasm'], graphOptimizationLevel: 'all', externalData });
+        this.sessions[component] = await ort.InferenceSession.create(files[rel], options);
       } catch (error) {
-        throw new Error(`ONNX Runtime Web cannot load ${rel} (${error.message}): check the variant runs in the browser (vlmexport check)`);
+        if (this.device !== 'webgpu') throw new Error(`ONNX Runtime Web cannot load ${rel} (${error.message}): check the variant runs in the browser (vlmexport check)`);
+        // A WebGPU kernel may claim a node and then refuse it (8-bit MatMulNBits): this graph runs on WebAssembly.
+        const reason = String(error.message).split('\n')[0].split('ERROR_MESSAGE: ').pop().replace(/^\S+:\d+ \S+\(.*?\) /, '');
+        this.#note(`${rel} cannot run on WebGPU (${reason}): it runs on WebAssembly; vlmexport inspect --target webgpu lists why`);
+        wasmOnly.push(component);
+        this.sessions[component] = await ort.InferenceSession.create(files[rel], { ...options, executionProviders: ['wasm'] }).catch((again) => {
+          throw new Error(`ONNX Runtime Web cannot load ${rel} (${again.message}): check the variant runs in the browser (vlmexport check)`);
+        });
       }
       this.loadTimings[`start ${component}`] = now() - sessionStarted;
     }
+    if (wasmOnly.length === graphs.length) this.device = 'wasm'; // nothing of this variant runs on WebGPU
     this.manifest = manifest;
     this.variant = variant;
     this.loadTimings.total = now() - started;
     report('ready', null);
     return this;
+  }
+
+  /** 'webgpu' where the browser gives an adapter (and imports the WebGPU build), else 'wasm'. */
+  async #useDevice(device) {
+    if (device !== 'wasm' && device !== 'webgpu') throw new Error(`device "${device}" is not one this class runs: use 'wasm' or 'webgpu'`);
+    if (device === 'wasm') return 'wasm';
+    let adapter = null;
+    try {
+      adapter = globalThis.navigator?.gpu ? await globalThis.navigator.gpu.requestAdapter() : null;
+    } catch {
+      adapter = null;
+    }
+    if (!adapter) {
+      this.#note('WebGPU is not available here (no navigator.gpu adapter): running on WebAssembly instead');
+      return 'wasm';
+    }
+    if (ort === wasmRuntime) {
+      if (PrefixConditioningVLM.#started.has(wasmRuntime)) this.#note('WebGPU after a WebAssembly model: the page now holds two ONNX Runtime builds; reload to free the first');
+      ort = await import('onnxruntime-web/all');
+    }
+    return 'webgpu';
+  }
+
+  /** Sets onnxruntime-web's thread count before its WebAssembly starts (later changes are ignored by it). */
+  #useThreads(requested) {
+    const { threads, note } = chooseThreads(requested);
+    if (note) this.#note(note);
+    if (PrefixConditioningVLM.#started.has(ort) && ort.env.wasm.numThreads !== threads) {
+      this.#note(`this page's WebAssembly already runs ${ort.env.wasm.numThreads} thread(s); reload the page to use ${threads}`);
+    } else {
+      ort.env.wasm.numThreads = threads;
+    }
+    PrefixConditioningVLM.#started.add(ort);
+    this.threads = ort.env.wasm.numThreads;
+  }
+
+  static #started = new Set();
+
+  #note(message) {
+    this.notes.push(message);
+    console.info(`prefix_vlm: ${message}`);
+  }
+
+  /** The cached bytes of a file when their size is the manifest's (they were verified when stored), else null. */
+  async #fromCache(store, info) {
+    try {
+      const hit = await store.match(cacheKey(info.sha256));
+      if (!hit) return null;
+      const bytes = new Uint8Array(await hit.arrayBuffer());
+      return bytes.length === info.size ? bytes : null;
+    } catch {
+      return null;
+    }
+  }
+
+  async #toCache(store, info, bytes) {
+    try {
+      await store.put(cacheKey(info.sha256), new Response(bytes, { headers: { 'Content-Type': 'application/octet-stream', 'Content-Length': String(bytes.length) } }));
+    } catch (error) {
+      // A full quota only costs the next visit a download; the model still loads.
+      this.#note(`could not cache a file (${error.message}): the next visit downloads it again`);
+    }
+  }
+
+  /** Drop cached files this bundle no longer lists (older exports), so the cache does not grow with every re-export. */
+  static async #prune(store, manifest) {
+    const current = new Set(Object.values(manifest.files).map((info) => cacheKey(info.sha256)));
+    for (const request of await store.keys()) {
+      if (!current.has(request.url)) await store.delete(request);
+    }
   }
 
   async #verify(rel, bytes, info) {
@@ -363,6 +552,11 @@ export class PrefixConditioningVLM {
   /** The caption of one image (see `preprocess` for what an image may be). */
   async caption(image, options = {}) {
     return (await this.captionWithDetails(image, options)).caption;
+  }
+
+  /** Delete every cached bundle file (see the module's clearCache); the loaded model keeps running. */
+  async clearCache() {
+    return clearCache();
   }
 
   /** Release every ONNX Runtime session. */

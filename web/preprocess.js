@@ -1,7 +1,7 @@
 /**
  * Image preprocessing for a vlmexport bundle, from its preprocessor_config.json.
  *
- * The Python side (vlmexport/checkpoint/preprocess.py) resizes with PIL and then rescales and
+ * The Python side (vlmexport/bundle/preprocess.py) resizes with PIL and then rescales and
  * normalises in float32. The resize here is a port of Pillow's own resampling (libImaging
  * Resample.c and, for NEAREST, Geometry.c's scale-affine path): the same filter supports, the
  * same 22-bit fixed-point coefficients, the same two passes in the same order, rounded to

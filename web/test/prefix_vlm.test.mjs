@@ -12,9 +12,11 @@ import { test } from 'node:test';
 
 import { argmax, decodeOptions, makeRng, noRepeatNgram, sample, topk, topKFilter, topPFilter } from '../decoding.js';
 import { pixelValues, readPreprocessorConfig, resizeRGB, toRGB } from '../preprocess.js';
-import { PrefixConditioningVLM } from '../prefix_vlm.js';
+import { chooseThreads, pickVariant, PrefixConditioningVLM } from '../prefix_vlm.js';
 
 const FIXTURE = process.env.VLM_WEB_FIXTURE;
+// WebAssembly threads for every model these tests load (tests/test_web.py runs them with 1 and 2).
+const THREADS = Number(process.env.VLM_WEB_THREADS || 1);
 const fixture = FIXTURE ? JSON.parse(readFileSync(FIXTURE, 'utf8')) : null;
 const needsFixture = { skip: fixture ? false : 'VLM_WEB_FIXTURE is not set: run `pytest tests/test_web.py`' };
 
@@ -111,7 +113,8 @@ test('pixel values from decoded RGB(A) equal Python preprocessing bit for bit', 
 
 for (const reference of fixture?.bundles ?? []) {
   test(`${reference.name}: greedy and beam-search tokens and captions equal the Python runtime's`, async () => {
-    const model = await new PrefixConditioningVLM().loadModel(reference.dir, { variant: reference.variant, fetch: fileFetch() });
+    const model = await new PrefixConditioningVLM().loadModel(reference.dir, { variant: reference.variant, fetch: fileFetch(), numThreads: THREADS });
+    assert.equal(model.threads, THREADS);
     const pixels = { data: floats(reference.pixels), dims: reference.dims };
     assert.deepEqual(await model.generateTokens(pixels), reference.greedy);
     // One cached step per token after the first, none after EOS: a caption of n < max tokens took n steps.
@@ -149,4 +152,51 @@ test('seeded sampling on a real bundle repeats itself, and top-k 1 sampling equa
   assert.deepEqual(await model.generateTokens(pixels, options), await model.generateTokens(pixels, options));
   assert.deepEqual(await model.generateTokens(pixels, { doSample: true, topK: 1, seed: 5 }), reference.greedy);
   await model.dispose();
+});
+
+/** Runs `fn` with globalThis.crossOriginIsolated and navigator.hardwareConcurrency as a browser would set them. */
+function asBrowser(isolated, cores, fn) {
+  const saved = Object.getOwnPropertyDescriptors(globalThis);
+  Object.defineProperty(globalThis, 'crossOriginIsolated', { value: isolated, configurable: true });
+  Object.defineProperty(globalThis, 'navigator', { value: { hardwareConcurrency: cores }, configurable: true });
+  try {
+    return fn();
+  } finally {
+    for (const name of ['crossOriginIsolated', 'navigator']) {
+      if (saved[name]) Object.defineProperty(globalThis, name, saved[name]);
+      else delete globalThis[name];
+    }
+  }
+}
+
+test('threads: all cores up to 4 when cross-origin isolated, 1 with a reason when not, numThreads overrides', () => {
+  assert.deepEqual(asBrowser(true, 2, () => chooseThreads()), { threads: 2, note: null });
+  assert.deepEqual(asBrowser(true, 16, () => chooseThreads()), { threads: 4, note: null });
+  assert.deepEqual(asBrowser(true, 16, () => chooseThreads(8)), { threads: 8, note: null });
+  const alone = asBrowser(false, 8, () => chooseThreads());
+  assert.equal(alone.threads, 1);
+  assert.match(alone.note, /not cross-origin isolated.*COOP\/COEP/);
+  assert.equal(asBrowser(false, 8, () => chooseThreads(4)).threads, 1);
+  assert.deepEqual(chooseThreads(), { threads: 1, note: null }); // Node: no isolation concept, 1 unless asked
+  assert.throws(() => chooseThreads(0), /numThreads must be a whole number/);
+});
+
+test('the default variant is the fastest one that passed its check', () => {
+  const manifest = (checks) => ({ variants: { fp32: {}, int8: {}, fp16: {} }, checks });
+  assert.equal(pickVariant(manifest({ fp32: { passed: true }, int8: { passed: true } })), 'int8');
+  assert.equal(pickVariant(manifest({ fp32: { passed: true }, int8: { passed: false } })), 'fp32');
+  assert.equal(pickVariant(manifest({})), 'int8'); // nothing checked: the fastest present
+  // A blockwise (MatMulNBits) int8 is the slowest in the browser: fp32 goes first.
+  const blockwise = { variants: { fp32: { d: 'd.onnx' }, int8: { d: 'd_int8.onnx' } }, files: { 'd_int8.onnx': { ops: ['Add', 'com.microsoft.MatMulNBits'] } }, checks: { fp32: { passed: true }, int8: { passed: true } } };
+  assert.equal(pickVariant(blockwise), 'fp32');
+});
+
+test('device webgpu falls back to WebAssembly with a note where there is no adapter; an unknown device is refused', needsFixture, async () => {
+  const { dir } = fixture.bundles[0];
+  const model = await new PrefixConditioningVLM().loadModel(dir, { fetch: fileFetch(), device: 'webgpu', numThreads: THREADS });
+  assert.equal(model.device, 'wasm');
+  assert.match(model.notes.join(' '), /WebGPU is not available here.*WebAssembly/);
+  assert.equal(model.loadStats.downloaded.length, model.loadStats.downloaded.length + model.loadStats.fromCache.length); // no Cache Storage in Node
+  await model.dispose();
+  await assert.rejects(new PrefixConditioningVLM().loadModel(dir, { fetch: fileFetch(), device: 'webgl' }), /device "webgl" is not one this class runs/);
 });
