@@ -26,9 +26,10 @@ import pytest
 from serving import require
 from transformers import AutoConfig, GenerationConfig
 
+from vlmexport.bundle.decoding import DecodeOptions
 from vlmexport.bundle.manifest import read_manifest
-from vlmexport.bundle.preprocess import open_image
-from vlmexport.checkpoint.generate import DecodeOptions, generate_tokens
+from vlmexport.bundle.preprocess import bundle_preprocessor, open_image
+from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import load_checkpoint, load_tokenizer
 from vlmexport.cli import main
 from vlmexport.exporter.export import export_bundle
@@ -36,7 +37,7 @@ from vlmexport.exporter.library_configs import IMAGE_TOKEN
 from vlmexport.quantize import smooth
 from vlmexport.quantize.quantize import quantize_bundle
 from vlmexport.runtime.bundle import open_bundle
-from vlmexport.runtime.caption import bundle_preprocessor, caption_tokens
+from vlmexport.runtime.caption import caption_tokens
 from vlmexport.runtime.generate import greedy
 from vlmexport.samples import sample_images
 
