@@ -13,9 +13,10 @@ import warnings
 from dataclasses import dataclass
 from http import HTTPStatus
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from vlmexport.bundle.preprocess import IMAGE_FORMATS
+from vlmexport.bundle.preprocess import IMAGE_FORMATS, load_image
+from vlmexport.errors import ImageError
 from vlmexport.serve.problems import RequestError
 
 FORMATS = IMAGE_FORMATS
@@ -54,7 +55,8 @@ def read_header(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageHeader:
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """The image, decoded (after `read_header` has passed it); the caller converts modes.
+    """The image as 8-bit RGB, decoded by the runtime's one loader (bundle.preprocess.load_image:
+    EXIF orientation, mode conversion) once `read_header` has passed it.
 
     Raises:
         RequestError: 400 if the data is broken beyond its header.
@@ -62,12 +64,10 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     read_header(data, max_pixels)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            image.load()
-            return ImageOps.exif_transpose(image)  # upright, as bundle.preprocess.load_image and browsers do
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"the upload is not a readable image ({exc.__class__.__name__})", "send the whole, unbroken file") from None
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is `max_pixels`, checked above
+            return load_image(data, "the upload")
+    except ImageError as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, exc.problem, "send the whole, unbroken file") from None
 
 
 def _too_many_pixels(header: ImageHeader | None, max_pixels: int) -> RequestError:
