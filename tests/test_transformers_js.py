@@ -45,8 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "web"
 SHAPES = REPO / "examples" / "shapes"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
-# transformers.js' dtype names of vlmexport's variants (its suffixes: src/utils/dtypes.js).
-DTYPES = {"fp32": "fp32", "int8": "int8"}
+# transformers.js' dtypes (its suffixes: src/utils/dtypes.js) → the vlmexport variant whose files
+# each loads: q8, its default on WebAssembly, reads `_quantized`, the int8 graphs again (manifest.ALIASES).
+DTYPES = {"fp32": "fp32", "int8": "int8", "q8": "int8"}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,13 @@ def test_the_folder_has_transformers_js_names_and_a_llava_config(folder: Path) -
         "embed_tokens": "onnx/embed_tokens.onnx",
         "decoder_model_merged": "onnx/decoder_model_merged.onnx",
     }
-    assert set(manifest.variants["int8"].values()) == {f"onnx/{n}_int8.onnx" for n in ("vision_encoder", "embed_tokens", "decoder_model_merged")}
+    graphs = ("vision_encoder", "embed_tokens", "decoder_model_merged")
+    assert set(manifest.variants["int8"].values()) == {f"onnx/{n}_int8.onnx" for n in graphs}
+    # transformers.js' q8 names: the same bytes, listed (and hash-checked) as int8's aliases.
+    for name in graphs:
+        alias, original = f"onnx/{name}_quantized.onnx", f"onnx/{name}_int8.onnx"
+        assert manifest.files[alias]["alias_of"] == original and manifest.files[alias]["variant"] == "int8"
+        assert (folder / alias).read_bytes() == (folder / original).read_bytes()
     # int8's embed_tokens: the table as 8-bit blocks like the decoder's tied table (not a float
     # copy), read with standard ops only: transformers.js' browser build has no GatherBlockQuantized.
     table = onnx.load(str(folder / "onnx/embed_tokens_int8.onnx")).graph
@@ -117,17 +124,17 @@ def python_reference(folder: Path, images: list[Path]) -> dict:
     """What the Python runtime computes on the folder: tokens per variant, one image at a time."""
     pixels = bundle_preprocessor(folder)([open_image(p) for p in images])
     facts = read_manifest(folder).model
-    variants = []
-    for variant, dtype in DTYPES.items():
+    tokens = {}
+    for variant in sorted(set(DTYPES.values())):
         bundle = open_bundle(folder, variant, threads=1)
         # No repeated word (no_repeat_ngram_size 1): on the shapes model it is where beam search
         # and greedy part (4 of 4 images); with the defaults they agree on every image.
-        variants.append({
-            "dtype": dtype,
+        tokens[variant] = {
             "greedy": caption_tokens(bundle, pixels, DecodeOptions(), batch_size=1),
             "greedy_norepeat": caption_tokens(bundle, pixels, DecodeOptions(no_repeat_ngram_size=1), batch_size=1),
             "beam3_norepeat": caption_tokens(bundle, pixels, DecodeOptions(num_beams=3, no_repeat_ngram_size=1), batch_size=1),
-        })  # fmt: skip
+        }  # fmt: skip
+    variants = [{"dtype": dtype, **tokens[variant]} for dtype, variant in DTYPES.items()]
     return {
         "bundle": str(folder),
         "images": [str(p) for p in images],
@@ -139,7 +146,7 @@ def python_reference(folder: Path, images: list[Path]) -> dict:
     }
 
 
-def test_transformers_js_in_node_gives_python_tokens_greedy_and_beam_fp32_and_int8(folder: Path, shapes, tmp_path: Path) -> None:
+def test_transformers_js_in_node_gives_python_tokens_greedy_and_beam_fp32_int8_q8(folder: Path, shapes, tmp_path: Path) -> None:
     require(shutil.which("node") is not None, "node")
     require((WEB / "node_modules" / "@huggingface" / "transformers" / "package.json").is_file(), "web/node_modules (npm ci in web/)")
     fixture = python_reference(folder, shapes[1])
@@ -156,7 +163,7 @@ def test_transformers_js_in_node_gives_python_tokens_greedy_and_beam_fp32_and_in
     assert done.returncode == 0 and counts.get("fail") == 0 and counts.get("pass") == len(DTYPES), done.stdout[-4000:] + done.stderr[-2000:]
 
 
-def test_transformers_js_in_chromium_gives_python_tokens_greedy_and_beam_fp32_and_int8(folder: Path, shapes, tmp_path: Path) -> None:
+def test_transformers_js_in_chromium_gives_python_tokens_greedy_and_beam_fp32_int8_q8(folder: Path, shapes, tmp_path: Path) -> None:
     """The browser build (onnxruntime-web, WebAssembly) through transformers.js' processor: the
     page resizes with the browser's canvas, not PIL; on the shapes images the tokens still agree."""
     require(shutil.which("node") is not None, "node")
@@ -165,7 +172,7 @@ def test_transformers_js_in_chromium_gives_python_tokens_greedy_and_beam_fp32_an
     fixture = python_reference(folder, shapes[1])
     path = tmp_path / "fixture.json"
     path.write_text(json.dumps(fixture))
-    command = ["node", "test/transformers_js_browser.mjs", "--fixture", str(path), "--dtype", ",".join(DTYPES.values())]
+    command = ["node", "test/transformers_js_browser.mjs", "--fixture", str(path), "--dtype", ",".join(DTYPES)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=WEB)
     assert done.returncode == 0, done.stderr[-4000:]
     page = json.loads(done.stdout.strip().splitlines()[-1])

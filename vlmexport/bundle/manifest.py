@@ -36,6 +36,11 @@ LAYOUTS: dict[str, dict[str, str]] = {
     },
 }
 VARIANTS = ("fp32", "int8", "uint8", "fp16", "q4")
+# Second names a library looks for, per layout: variant → suffix. transformers.js' dtype "q8" (its
+# default on WebAssembly) reads `*_quantized.onnx` (src/utils/dtypes.js); vlmexport's 8-bit variant
+# of record is int8, so `quantize --mode int8` writes its graphs under both names (hard links,
+# recorded in the manifest with `alias_of`; the int8 check covers both).
+ALIASES: dict[str, dict[str, str]] = {"transformers.js": {"int8": "quantized"}}
 
 
 def decoder_graphs(layout: str) -> tuple[str, str]:

@@ -88,7 +88,8 @@ def write_transformers_js_configs(
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "full",
         # A user who names no dtype gets fp32, which every bundle has; transformers.js' own
-        # default on WebAssembly is q8 (`_quantized` files), which vlmexport does not write.
+        # default on WebAssembly is q8 (`_quantized` files), which exist only after
+        # `quantize --mode int8` (manifest.ALIASES) and are worth loading only once checked.
         "transformers.js_config": {"dtype": "fp32"},
         "prefix_conditioning_vlm": checkpoint.config.to_dict(),
     }

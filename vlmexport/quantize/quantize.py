@@ -23,7 +23,7 @@ from typing import Any
 
 import onnx
 
-from vlmexport.bundle.manifest import Manifest, decoder_graphs, read_manifest, variant_path, verify_files
+from vlmexport.bundle.manifest import ALIASES, Manifest, decoder_graphs, read_manifest, variant_path, verify_files
 from vlmexport.errors import BundleError, UsageError
 from vlmexport.exporter.onnx_io import TWO_GB, signature
 from vlmexport.quantize import fp16, integer, smooth
@@ -192,10 +192,11 @@ def quantize_bundle(
             _loads_in_onnxruntime(stage / relative)
             sizes = (_size(onnx_dir / fp32_files[name]), _size(stage / relative))
             report.rows.append(FileRow(name, fp32_files[name], relative, *sizes, _ops(quantized), tuple(sorted(set(_ops(quantized)) - set(fp32_ops))), settings))
+        aliases = _link_aliases(stage, manifest.layout, mode, report.rows)
         if unfused:
             report.notes.append(f"--optimize: no fusion is measured faster for {', '.join(unfused)} (see vlmexport/quantize/optimize.py); left as exported")
         step("writing the manifest")
-        _commit(onnx_dir, stage, manifest, mode, report.rows)
+        _commit(onnx_dir, stage, manifest, mode, report.rows, aliases)
     if verify:
         step(f"checking {mode} against fp32")
         from vlmexport.validate.check import check_bundle
@@ -406,7 +407,24 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (external.stat().st_size if external.is_file() else 0)
 
 
-def _commit(onnx_dir: Path, stage: Path, manifest: Manifest, mode: str, rows: list[FileRow]) -> None:
+def _link_aliases(stage: Path, layout: str, mode: str, rows: list[FileRow]) -> dict[str, str]:
+    """Each staged graph again under the layout's second name for `mode` (manifest.ALIASES), as a
+    hard link (a copy where the file system has none); alias → the variant file it repeats."""
+    suffix = ALIASES.get(layout, {}).get(mode)
+    if suffix is None:
+        return {}
+    aliases = {}
+    for row in rows:
+        alias = variant_path(row.fp32_path, suffix)
+        try:
+            os.link(stage / row.variant_path, stage / alias)
+        except OSError:
+            shutil.copyfile(stage / row.variant_path, stage / alias)
+        aliases[alias] = row.variant_path
+    return aliases
+
+
+def _commit(onnx_dir: Path, stage: Path, manifest: Manifest, mode: str, rows: list[FileRow], aliases: dict[str, str]) -> None:
     """Move the staged files into the bundle and write the manifest; on any error, undo the moves.
 
     Files of a replaced variant (`--force`) are set aside first and deleted only at the end.
@@ -424,6 +442,8 @@ def _commit(onnx_dir: Path, stage: Path, manifest: Manifest, mode: str, rows: li
             stage, row.variant_path, component=row.component, variant=mode, **signature(stage / row.variant_path),
             ops=list(row.ops), quantization=row.settings,
         )  # fmt: skip
+    for alias, original in aliases.items():
+        manifest.describe_file(stage, alias, variant=mode, alias_of=original)
     for rel in new_files:
         if rel not in manifest.files:  # external data beside a >2 GB graph
             manifest.describe_file(stage, rel, variant=mode)
