@@ -9,11 +9,14 @@
  * logging; onnxruntime-web then reports every node its WebGPU kernel registry cannot take ("webgpu
  * kernel not found in registries for Op type: X"), which run on the WebAssembly CPU provider instead.
  * The registry is matched by domain, opset version and type, so no list of op names could say this
- * (RotaryEmbedding has a kernel for com.microsoft, none for ONNX opset 23). Files are answered from
- * disk through Playwright's routing on http://localhost (a secure context, which WebGPU requires);
- * nothing listens on a port. Exit 1 with one line on stderr when Chromium has no WebGPU adapter.
+ * (RotaryEmbedding has a kernel for com.microsoft, none for ONNX opset 23). Files are streamed from
+ * disk by a server on 127.0.0.1 (an ephemeral port, closed at exit) and the page is opened as
+ * http://localhost (a secure context, which WebGPU requires). Not Playwright's request routing:
+ * it hands each body to Chromium in one DevTools message, and a full-size fp32 graph (370 MB)
+ * closed the page. Exit 1 with one line on stderr when Chromium has no WebGPU adapter.
  */
-import { readFileSync } from 'node:fs';
+import { createReadStream, statSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { dirname, extname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
@@ -24,7 +27,6 @@ if (!bundleDir || !graphs.length) {
   process.exit(2);
 }
 const dist = join(dirname(fileURLToPath(import.meta.url)), '..', 'node_modules', 'onnxruntime-web', 'dist');
-const ORIGIN = 'http://localhost:8999';
 const TYPES = { '.mjs': 'text/javascript', '.wasm': 'application/wasm', '.html': 'text/html' };
 const PAGE = `<!doctype html><script type="module">
 import * as ort from '/ort/ort.all.bundle.min.mjs';
@@ -45,6 +47,23 @@ window.adapter = navigator.gpu ? await navigator.gpu.requestAdapter() : null;
 window.ready = true;
 </script>`;
 
+const root = resolve(bundleDir);
+const server = createServer((request, response) => {
+  const path = decodeURIComponent(new URL(request.url, 'http://localhost').pathname);
+  if (path === '/') return response.writeHead(200, { 'Content-Type': 'text/html' }).end(PAGE);
+  const [base, rest] = path.startsWith('/ort/') ? [dist, path.slice(5)] : path.startsWith('/bundle/') ? [root, path.slice(8)] : [null, null];
+  const file = base && resolve(base, rest);
+  try {
+    if (!file || !file.startsWith(base + '/') || !statSync(file).isFile()) throw new Error('not found');
+    response.writeHead(200, { 'Content-Type': TYPES[extname(file)] || 'application/octet-stream' });
+    createReadStream(file).pipe(response);
+  } catch {
+    response.writeHead(404).end('not found');
+  }
+});
+await new Promise((done) => server.listen(0, '127.0.0.1', done));
+const ORIGIN = `http://localhost:${server.address().port}`;
+
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
   headless: true,
@@ -52,16 +71,6 @@ const browser = await chromium.launch({
 });
 try {
   const page = await browser.newPage();
-  await page.route(`${ORIGIN}/**`, (route) => {
-    const path = new URL(route.request().url()).pathname;
-    const file = path.startsWith('/ort/') ? join(dist, path.slice(5)) : path.startsWith('/bundle/') ? join(resolve(bundleDir), path.slice(8)) : null;
-    if (path === '/') return route.fulfill({ body: PAGE, contentType: 'text/html' });
-    try {
-      return route.fulfill({ body: readFileSync(file), contentType: TYPES[extname(file)] || 'application/octet-stream' });
-    } catch {
-      return route.fulfill({ status: 404, body: 'not found' });
-    }
-  });
   let current = null;
   const found = {};
   page.on('console', (message) => {
@@ -86,4 +95,5 @@ try {
   process.exitCode = 1;
 } finally {
   await browser.close();
+  server.close();
 }
