@@ -27,7 +27,7 @@ from serving import require
 from transformers import AutoConfig, GenerationConfig
 
 from vlmexport.bundle.decoding import DecodeOptions
-from vlmexport.bundle.manifest import read_manifest
+from vlmexport.bundle.manifest import read_manifest, verify_files
 from vlmexport.bundle.preprocess import bundle_preprocessor, open_image
 from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.load import load_checkpoint, load_tokenizer
@@ -99,6 +99,20 @@ def test_the_folder_has_transformers_js_names_and_a_llava_config(folder: Path) -
     # Quantization migrates outliers at every norm and down_proj here as in the other layouts:
     # the Shape nodes this graph reads off its hidden states must not hide q/k/v (3 per layer).
     assert len(smooth.smoothable(onnx.load(str(folder / "onnx/decoder_model_merged.onnx")))) == 3 * manifest.model["num_layers"]
+
+
+def test_q8_names_cover_every_component_when_only_some_are_quantized(folder: Path, tmp_path: Path) -> None:
+    """transformers.js asks for `_quantized` for every session: a component `--components` left
+    fp32 gets the name too, as a link to its fp32 graph; `--force` drops the replaced files."""
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))
+    quantize_bundle(copy, "int8", components=["vision_encoder"], verify=False, force=True)
+    manifest = read_manifest(copy)
+    verify_files(copy, manifest)
+    assert manifest.files["onnx/vision_encoder_quantized.onnx"]["alias_of"] == "onnx/vision_encoder_int8.onnx"
+    for name in ("embed_tokens", "decoder_model_merged"):
+        assert manifest.files[f"onnx/{name}_quantized.onnx"]["alias_of"] == f"onnx/{name}.onnx"
+        assert (copy / f"onnx/{name}_quantized.onnx").read_bytes() == (copy / f"onnx/{name}.onnx").read_bytes()
+        assert not (copy / f"onnx/{name}_int8.onnx").exists() and f"onnx/{name}_int8.onnx" not in manifest.files
 
 
 def test_check_passes_the_transformers_js_layout_and_fails_a_scaled_decoder_weight(folder: Path, shapes, tmp_path: Path, capsys) -> None:

@@ -195,7 +195,7 @@ def quantize_bundle(
             _loads_in_onnxruntime(stage / relative)
             sizes = (_size(onnx_dir / fp32_files[name]), _size(stage / relative))
             report.rows.append(FileRow(name, fp32_files[name], relative, *sizes, _ops(quantized), tuple(sorted(set(_ops(quantized)) - set(fp32_ops))), settings))
-        aliases = _link_aliases(stage, manifest.layout, mode, report.rows)
+        aliases = _link_aliases(onnx_dir, stage, manifest.layout, mode, report.rows, fp32_files)
         if unfused:
             report.notes.append(f"--optimize: no fusion is measured faster for {', '.join(unfused)} (see vlmexport/quantize/optimize.py); left as exported")
         step("writing the manifest")
@@ -410,20 +410,25 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (external.stat().st_size if external.is_file() else 0)
 
 
-def _link_aliases(stage: Path, layout: str, mode: str, rows: list[FileRow]) -> dict[str, str]:
-    """Each staged graph again under the layout's second name for `mode` (manifest.ALIASES), as a
-    hard link (a copy where the file system has none); alias → the variant file it repeats."""
+def _link_aliases(onnx_dir: Path, stage: Path, layout: str, mode: str, rows: list[FileRow], fp32_files: dict[str, str]) -> dict[str, str]:
+    """Every graph of the `mode` variant again under the layout's second name for it
+    (manifest.ALIASES), staged as a hard link (a copy where the file system has none): the
+    quantized graphs, and the fp32 graphs of components `--components` left out, since a library
+    asking for that name looks for every component. Returns alias → the file it repeats."""
     suffix = ALIASES.get(layout, {}).get(mode)
     if suffix is None:
         return {}
+    written = {row.component: row.variant_path for row in rows}
     aliases = {}
-    for row in rows:
-        alias = variant_path(row.fp32_path, suffix)
+    for component, fp32_path in fp32_files.items():
+        alias, original = variant_path(fp32_path, suffix), written.get(component, fp32_path)
+        source = stage / original if component in written else onnx_dir / original
+        (stage / alias).parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(stage / row.variant_path, stage / alias)
+            os.link(source, stage / alias)
         except OSError:
-            shutil.copyfile(stage / row.variant_path, stage / alias)
-        aliases[alias] = row.variant_path
+            shutil.copyfile(source, stage / alias)
+        aliases[alias] = original
     return aliases
 
 
