@@ -75,7 +75,7 @@ def main() -> int:
             report = quantize_bundle(bundle_dir, mode, verify=False)
             print(f"quantized {mode} in {time.perf_counter() - started:.0f} s: {', '.join(report.notes) or 'no notes'}")
     manifest = read_manifest(bundle_dir)
-    sizes = {v: sum(i["size"] for i in manifest.files.values() if i.get("variant") == v) for v in ["fp32", *modes]}
+    sizes = {v: manifest.variant_bytes(v) for v in ["fp32", *modes]}
     fp32 = open_bundle(bundle_dir, "fp32")
     fset = fidelity_set(bundle_dir, images=args.images, tokens=args.tokens, fp32=fp32)
     bundles = {"fp32": fp32, **{m: open_bundle(bundle_dir, m) for m in modes}}

@@ -96,6 +96,11 @@ class Manifest:
             )
         return self.variants[variant][component]
 
+    def variant_bytes(self, variant: str) -> int:
+        """Bytes of the files written for `variant` (its graphs and their external data), each
+        counted once: a second name of the same graph (`alias_of`, see ALIASES) adds nothing."""
+        return sum(info["size"] for info in self.files.values() if info.get("variant") == variant and "alias_of" not in info)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,

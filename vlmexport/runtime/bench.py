@@ -198,7 +198,7 @@ def measure_onnx(onnx_dir: Path, variant: str, tokens: int, repeats: int, thread
 
     step_graph = manifest.variants[variant][decoder_graphs(manifest.layout)[1]]
     decoder_bytes = initializer_bytes(onnx_dir / step_graph)
-    size = sum(info["size"] for info in manifest.files.values() if info.get("variant") == variant and "alias_of" not in info)
+    size = manifest.variant_bytes(variant)
     return BackendBench(f"onnx {variant}", load_s, vision_ms, first_ms, decode_ms, caption_ms, peak, base, size / 1e6, decoder_bytes / 1e6)
 
 
