@@ -3,7 +3,7 @@ with 1 and 2 threads against native onnxruntime, and a cold against a warm (cach
 
     .venv/bin/python bench/web_bench.py [--preset smollm-135m-siglip-base | --model-dir CKPT | --onnx-dir BUNDLE]
         [--variants fp32,int8,uint8,fp16,q4] [--threads 1,2] [--images 2] [--repeat 2] [--workdir DIR]
-        [--screenshot docs/demo.png]
+        [--screenshot docs/demo.png] [--link-mbps 100]
 
 The bundle (distilvit layout) is built in the workdir when missing: `synth` of the preset (or the
 given checkpoint), export, then `quantize --no-verify` per variant. `vlmexport site` writes the
@@ -12,7 +12,10 @@ isolates the page). Per variant and thread count one page visit with a fresh bro
 (cold: every file downloaded) captions each image `repeat` times; the first caption of a visit is a
 warm-up, left out of the medians. At the highest thread count a second visit with the same
 profile measures the warm load (Cache Storage). Native onnxruntime captions the same pixels with
-the same threads (`vlmexport.runtime`). Times are the model's (vision, projection, decoder,
+the same threads (`vlmexport.runtime`). On localhost a cold load's transfer costs little, so
+`--link-mbps N` serves the site over an emulated link of N Mbit/s instead (the server paces what it
+sends; every connection shares the one link), which is what a cold visit pays and a warm one
+does not. Times are the model's (vision, projection, decoder,
 tokenizer; not image decoding), per caption and per token. Noisy on a shared machine: compare
 ratios within one run. Needs web/install-deps.sh (Node, Chromium, npm packages).
 """
@@ -20,12 +23,17 @@ ratios within one run. Needs web/install-deps.sh (Node, Chromium, npm packages).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import http.server
 import json
 import random
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +41,48 @@ WEB = REPO / "web"
 # Targets of issue #13, item 6 (one run, same machine).
 WEB_OVER_NATIVE = 2.5  # int8 caption, 2 threads, Chromium ÷ native onnxruntime
 WARM_OVER_COLD = 0.2  # page load
+
+
+class Link:
+    """One link of `mbps` megabits per second that every connection's bytes queue on, as a user's
+    line to a host: a chunk leaves when the link is free. (No library paces a static server's
+    output; Chromium's DevTools throttling does not reach a service worker's own fetches, which
+    carry every request of this site.)"""
+
+    def __init__(self, mbps: float) -> None:
+        self.bytes_per_s = mbps * 1e6 / 8
+        self.lock = threading.Lock()
+        self.free_at = time.monotonic()
+
+    def send(self, write, chunk: bytes) -> None:
+        with self.lock:
+            self.free_at = max(self.free_at, time.monotonic()) + len(chunk) / self.bytes_per_s
+            leaves = self.free_at
+        time.sleep(max(0.0, leaves - time.monotonic()))
+        write(chunk)
+
+
+@contextlib.contextmanager
+def linked_server(folder: Path, log: Path, mbps: float) -> Iterator[str]:
+    """A static server over `folder` (no headers, as `python3 -m http.server`) whose responses cross a `Link`."""
+    link = Link(mbps)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def copyfile(self, source, outputfile) -> None:
+            while chunk := source.read(64 * 1024):
+                link.send(outputfile.write, chunk)
+
+        def log_message(self, format: str, *args) -> None:
+            with log.open("a") as sink:
+                sink.write(f"{self.address_string()} {format % args}\n")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def build_bundle(args: argparse.Namespace, work: Path) -> Path:
@@ -129,6 +179,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="captions per image per visit (the first of a visit is a warm-up)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep checkpoint, bundle and site here (default: a temporary folder)")
     parser.add_argument("--screenshot", type=Path, default=None, help="PNG of the demo page after the first variant's captions")
+    parser.add_argument("--link-mbps", type=float, default=None, help="serve over an emulated link of this many Mbit/s (default: localhost, unpaced)")
     args = parser.parse_args()
 
     from vlmexport.bundle.manifest import read_manifest
@@ -146,7 +197,8 @@ def main() -> None:
         pixels = bundle_preprocessor(bundle)([open_image(p) for p in images])
         site = build_site(bundle, Path(tmp) / "site", force=True, webgpu=False).path
         rows, loads = [], {}
-        with static_server(site, Path(tmp) / "http.log") as url:
+        log = Path(tmp) / "http.log"
+        with linked_server(site, log, args.link_mbps) if args.link_mbps else static_server(site, log) as url:
             for n, variant in enumerate(variants):
                 graphs = sum(manifest.files[rel]["size"] for rel in manifest.variants[variant].values())
                 row = {"variant": variant, "MB": graphs / 1e6, "web": {}, "native": {}}
@@ -169,10 +221,10 @@ def main() -> None:
                     # Each variant's numbers as soon as they exist: a long run stopped early keeps them.
                     print(f"measured {variant}: " + json.dumps({**row, "load": loads.get(variant)}), flush=True)
 
-    report(rows, loads, args.threads, len(images), args.repeat)
+    report(rows, loads, args.threads, len(images), args.repeat, args.link_mbps)
 
 
-def report(rows: list[dict], loads: dict, thread_counts: list[int], images: int, repeat: int) -> None:
+def report(rows: list[dict], loads: dict, thread_counts: list[int], images: int, repeat: int, link_mbps: float | None) -> None:
     top = max(thread_counts)
     print(f"\nmedian ms per caption (model only: vision → tokens → text), {images} images x {repeat}, greedy; Chromium = ONNX Runtime Web WebAssembly")
     header = f"{'variant':8} {'MB':>7} " + " ".join(f"{'web ' + str(t) + 'T':>9} {'native ' + str(t) + 'T':>9} {'ratio':>6}" for t in thread_counts)
@@ -189,7 +241,8 @@ def report(rows: list[dict], loads: dict, thread_counts: list[int], images: int,
         print("web speed-up from threads: " + ", ".join(f"{r['variant']} {r['web'][low][0] / r['web'][top][0]:.2f}x" for r in rows))
     fastest = min(rows, key=lambda r: r["web"][top][0])
     print(f"fastest in Chromium at {top} threads: {fastest['variant']} ({fastest['web'][top][0]:.0f} ms)")
-    print(f"\npage load at {top} threads (ms): cold (fresh profile) vs warm (second visit, Cache Storage)")
+    where = f"over a {link_mbps:g} Mbit/s link" if link_mbps else "from localhost, unpaced"
+    print(f"\npage load at {top} threads (ms), {where}: cold (fresh profile) vs warm (second visit, Cache Storage)")
     print(f"{'variant':8} {'cold':>8} {'warm':>8} {'warm/cold':>9} {'cold MB down':>12} {'warm MB down':>12}")
     for variant, (cold, warm, cold_bytes, warm_bytes) in loads.items():
         print(f"{variant:8} {cold:8.0f} {warm:8.0f} {warm / cold:9.2f} {cold_bytes / 1e6:12.1f} {warm_bytes / 1e6:12.1f}")

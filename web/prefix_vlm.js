@@ -240,78 +240,107 @@ export class PrefixConditioningVLM {
     if (!manifest.variants[variant]) {
       throw new Error(`variant "${variant}" is not in this bundle (it has ${Object.keys(manifest.variants).join(', ')}): pick one of those or run vlmexport quantize`);
     }
-    const graphs = Object.entries(manifest.variants[variant]);
+    // Smallest graph first: its session, which also starts the WebAssembly runtime, is created
+    // while the large graphs are still arriving.
+    const size = ([, rel]) => (manifest.files[rel]?.size ?? 0) + (manifest.files[`${rel}_data`]?.size ?? 0);
+    const graphs = Object.entries(manifest.variants[variant]).sort((a, b) => size(a) - size(b));
     const missing = LAYOUTS[manifest.layout].filter((component) => !manifest.variants[variant][component]);
     if (missing.length) throw new Error(`variant ${variant} lacks ${missing.join(', ')}: re-export the bundle`);
     const external = graphs.map(([, rel]) => `${rel}_data`).filter((rel) => rel in manifest.files);
     const optional = OPTIONAL_FILES.filter((rel) => rel in manifest.files);
-    const wanted = [...SIDE_FILES, ...optional, ...graphs.map(([, rel]) => rel), ...external];
+    // Each graph followed by its external data: the order sessions are created in.
+    const wanted = [...SIDE_FILES, ...optional, ...graphs.flatMap(([, rel]) => (external.includes(`${rel}_data`) ? [rel, `${rel}_data`] : [rel]))];
     const total = wanted.reduce((sum, rel) => sum + (manifest.files[rel]?.size ?? 0), 0);
     const stats = { downloadedBytes: 0, cachedBytes: 0, downloaded: [], fromCache: [] };
     let loaded = 0;
     const report = (message, file, fromCache = false) => onProgress(message, total ? Math.min(100, (100 * loaded) / total) : 100, { file, loaded, total, fromCache });
 
     const store = await openCache(cache);
-    const files = {};
-    for (const rel of wanted) {
+    let stopped = false;
+    const obtain = async (rel) => {
+      if (stopped) throw new Error('loading stopped');
       const fileStarted = now();
       const info = manifest.files[rel];
       const cached = store && info ? await this.#fromCache(store, info) : null;
+      let bytes = cached;
       if (cached) {
-        files[rel] = cached;
         loaded += cached.length;
         stats.cachedBytes += cached.length;
         stats.fromCache.push(rel);
         report(`${rel} from cache`, rel, true);
       } else {
         const response = await fetchOk(fetchFn, joinUrl(baseUrl, rel));
-        files[rel] = await readBody(response, (count) => {
+        bytes = await readBody(response, (count) => {
           loaded += count;
           report(`downloading ${rel}`, rel);
         });
-        if (verify && info) await this.#verify(rel, files[rel], info);
-        stats.downloadedBytes += files[rel].length;
+        if (verify && info) await this.#verify(rel, bytes, info);
+        stats.downloadedBytes += bytes.length;
         stats.downloaded.push(rel);
-        if (store && info) await this.#toCache(store, info, files[rel]);
+        if (store && info) await this.#toCache(store, info, bytes);
       }
       this.loadTimings[`${cached ? 'cache' : 'download'} ${rel}`] = now() - fileStarted;
+      return bytes;
+    };
+    // Files come one after another (one download at a time keeps the order predictable), while the
+    // sessions of those already here are created: session creation is synchronous WebAssembly on
+    // this thread, and the browser's network and cache reads go on meanwhile, so a load costs about
+    // max(transfer, session creation) rather than their sum.
+    const files = {};
+    let chain = Promise.resolve();
+    for (const rel of wanted) {
+      files[rel] = chain = chain.then(() => obtain(rel));
+      files[rel].catch(() => {}); // awaited below; a failure is thrown there, not reported as unhandled
+    }
+    const text = async (rel) => JSON.parse(new TextDecoder().decode(await files[rel]));
+    let wasmOnly;
+    try {
+      this.preprocessor = readPreprocessorConfig(await text('preprocessor_config.json'));
+      this.tokenizer = new Tokenizer(await text('tokenizer.json'), await text('tokenizer_config.json'));
+      this.generationConfig = optional.includes('generation_config.json') ? await text('generation_config.json') : {};
+      await this.dispose(); // the previous variant's sessions, before this one's take the memory
+      wasmOnly = await this.#startSessions(graphs, files, external, report);
+      await chain;
+    } catch (error) {
+      stopped = true;
+      throw error;
     }
     if (store) await PrefixConditioningVLM.#prune(store, manifest);
     this.loadStats = stats;
-
-    const text = (rel) => JSON.parse(new TextDecoder().decode(files[rel]));
-    this.preprocessor = readPreprocessorConfig(text('preprocessor_config.json'));
-    this.tokenizer = new Tokenizer(text('tokenizer.json'), text('tokenizer_config.json'));
-    this.generationConfig = optional.includes('generation_config.json') ? text('generation_config.json') : {};
-
-    await this.dispose(); // the previous variant's sessions, before this one's take the memory
-    const executionProviders = this.device === 'webgpu' ? ['webgpu', 'wasm'] : ['wasm'];
-    const wasmOnly = [];
-    for (const [component, rel] of graphs) {
-      report(`starting ${component}`, rel);
-      const sessionStarted = now();
-      const externalData = external.includes(`${rel}_data`) ? [{ path: `${rel.split('/').pop()}_data`, data: files[`${rel}_data`] }] : undefined;
-      const options = { executionProviders, graphOptimizationLevel: 'all', externalData };
-      try {
-        this.sessions[component] = await ort.InferenceSession.create(files[rel], options);
-      } catch (error) {
-        if (this.device !== 'webgpu') throw new Error(`ONNX Runtime Web cannot load ${rel} (${error.message}): check the variant runs in the browser (vlmexport check)`);
-        // A WebGPU kernel may claim a node and then refuse it (8-bit MatMulNBits): this graph runs on WebAssembly.
-        const reason = String(error.message).split('\n')[0].split('ERROR_MESSAGE: ').pop().replace(/^\S+:\d+ \S+\(.*?\) /, '');
-        this.#note(`${rel} cannot run on WebGPU (${reason}): it runs on WebAssembly; vlmexport inspect --target webgpu lists why`);
-        wasmOnly.push(component);
-        this.sessions[component] = await ort.InferenceSession.create(files[rel], { ...options, executionProviders: ['wasm'] }).catch((again) => {
-          throw new Error(`ONNX Runtime Web cannot load ${rel} (${again.message}): check the variant runs in the browser (vlmexport check)`);
-        });
-      }
-      this.loadTimings[`start ${component}`] = now() - sessionStarted;
-    }
     if (wasmOnly.length === graphs.length) this.device = 'wasm'; // nothing of this variant runs on WebGPU
     this.manifest = manifest;
     this.variant = variant;
     this.loadTimings.total = now() - started;
     report('ready', null);
     return this;
+  }
+
+  /** Create each graph's session as soon as its bytes (and external data) are here; the components that fell back to WebAssembly. */
+  async #startSessions(graphs, files, external, report) {
+    const executionProviders = this.device === 'webgpu' ? ['webgpu', 'wasm'] : ['wasm'];
+    const wasmOnly = [];
+    for (const [component, rel] of graphs) {
+      const hasData = external.includes(`${rel}_data`);
+      const [bytes, data] = await Promise.all([files[rel], hasData ? files[`${rel}_data`] : null]);
+      report(`starting ${component}`, rel);
+      const sessionStarted = now();
+      const externalData = hasData ? [{ path: `${rel.split('/').pop()}_data`, data }] : undefined;
+      const options = { executionProviders, graphOptimizationLevel: 'all', externalData };
+      try {
+        this.sessions[component] = await ort.InferenceSession.create(bytes, options);
+      } catch (error) {
+        if (this.device !== 'webgpu') throw new Error(`ONNX Runtime Web cannot load ${rel} (${error.message}): check the variant runs in the browser (vlmexport check)`);
+        // A WebGPU kernel may claim a node and then refuse it (8-bit MatMulNBits): this graph runs on WebAssembly.
+        const reason = String(error.message).split('\n')[0].split('ERROR_MESSAGE: ').pop().replace(/^\S+:\d+ \S+\(.*?\) /, '');
+        this.#note(`${rel} cannot run on WebGPU (${reason}): it runs on WebAssembly; vlmexport inspect --target webgpu lists why`);
+        wasmOnly.push(component);
+        this.sessions[component] = await ort.InferenceSession.create(bytes, { ...options, executionProviders: ['wasm'] }).catch((again) => {
+          throw new Error(`ONNX Runtime Web cannot load ${rel} (${again.message}): check the variant runs in the browser (vlmexport check)`);
+        });
+      }
+      this.loadTimings[`start ${component}`] = now() - sessionStarted;
+    }
+    return wasmOnly;
   }
 
   /** 'webgpu' where the browser gives an adapter (and imports the WebGPU build), else 'wasm'. */

@@ -200,3 +200,43 @@ test('device webgpu falls back to WebAssembly with a note where there is no adap
   await model.dispose();
   await assert.rejects(new PrefixConditioningVLM().loadModel(dir, { fetch: fileFetch(), device: 'webgl' }), /device "webgl" is not one this class runs/);
 });
+
+test('graphs arrive smallest first, and a session starts while a larger graph is still downloading', needsFixture, async () => {
+  const { dir } = fixture.bundles[0];
+  const manifest = JSON.parse(readFileSync(`${dir}/vlmexport.json`, 'utf8'));
+  const bySize = Object.values(manifest.variants.fp32).sort((a, b) => manifest.files[a].size - manifest.files[b].size);
+  const largest = bySize.at(-1);
+  const events = [];
+  let release;
+  const held = new Promise((resolve) => {
+    release = (why) => {
+      if (!events.some((e) => e.startsWith('released'))) events.push(why);
+      resolve();
+    };
+  });
+  // Without overlap no session could start before the largest graph arrives: the timer ends the wait.
+  const timer = setTimeout(() => release('released by timeout'), 5000);
+  const plain = fileFetch();
+  const fetchFn = async (url) => {
+    const rel = bySize.find((graph) => url.endsWith(`/${graph}`));
+    if (rel) events.push(`fetch ${rel}`);
+    if (rel === largest) {
+      await held;
+      events.push(`delivered ${rel}`);
+    }
+    return plain(url);
+  };
+  const onProgress = (message) => {
+    if (message.startsWith('starting ')) {
+      events.push(message);
+      release('released after a session started');
+    }
+  };
+  const model = await new PrefixConditioningVLM().loadModel(dir, { fetch: fetchFn, onProgress, numThreads: THREADS });
+  clearTimeout(timer);
+  assert.deepEqual(events.filter((e) => e.startsWith('fetch ')), bySize.map((rel) => `fetch ${rel}`));
+  // A session started before the largest graph was delivered (a sequential loader waits for the timer).
+  assert.ok(events.includes('released after a session started'), events.join(' | '));
+  assert.ok(events.findIndex((e) => e.startsWith('starting ')) < events.indexOf(`delivered ${largest}`), events.join(' | '));
+  await model.dispose();
+});
