@@ -4,6 +4,7 @@ here); the check's verdict decides the exit code; every error case exits 2 and c
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from vlmexport.checkpoint.tokenizer import word_tokenizer
 from vlmexport.cli import main
 from vlmexport.exporter.export import export_bundle
 from vlmexport.exporter.onnx_io import signature
-from vlmexport.quantize.quantize import MODES, quantize_bundle
+from vlmexport.quantize.quantize import MODES, RECIPES, quantize_bundle
 from vlmexport.quantize.webcheck import web_agreement, web_runtime_available
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.generate import greedy
@@ -141,7 +142,11 @@ def test_blockwise_table_is_one_quantized_copy_shared_by_head_and_embedding(bund
     assert len(head) == 1 and len(gather) == 1
     reshape = next(n for n in graph.node if n.output[0] == gather[0].input[0])
     assert reshape.op_type == "Reshape" and reshape.input[0] == head[0].input[1]
-    assert not [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 64 * 64]
+    # The only large float32 weights left are those of the nodes the recipe keeps float32 (not the table).
+    kept = [n for n in graph.node if n.op_type == "MatMul" and any(fnmatch.fnmatchcase(n.name, p) for p in RECIPES[mode].keep_fp32)]
+    assert {n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in {i.name for i in graph.initializer}} == {n.name for n in kept}
+    large = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 64 * 64}
+    assert large == {n.input[1] for n in kept}
     # Read through the head's quantized weights, every embedding row is its fp32 row within one
     # step of its block's scale: a wrong nibble order or zero point would be far off.
     table = next(numpy_helper.to_array(i) for i in onnx.load(str(onnx_dir / "decoder/model.onnx")).graph.initializer if list(i.dims) == [64, 64])
@@ -212,14 +217,17 @@ def test_excluded_nodes_stay_float32_and_an_excluded_head_keeps_one_float_table(
 @pytest.mark.parametrize(("mode", "decoder_zero_points"), [("int8", False), ("uint8", True)])
 def test_uint8_blocks_have_zero_points_and_int8_decoder_blocks_are_symmetric(bundle, mode: str, decoder_zero_points: bool) -> None:
     onnx_dir = bundle()
-    quantize_bundle(onnx_dir, mode, components=["projection", "decoder"], verify=False)
+    quantize_bundle(onnx_dir, mode, verify=False)
 
     def zero_points(relative: str) -> set[bool]:
         nodes = [n for n in onnx.load(str(onnx_dir / relative)).graph.node if n.op_type == "MatMulNBits"]
         return {len(n.input) > 3 and bool(n.input[3]) for n in nodes}
 
     assert zero_points(f"decoder/model_{mode}.onnx") == {decoder_zero_points}
-    assert zero_points(f"projection_{mode}.onnx") == {True}  # both: zero points for the encoders (measured)
+    assert zero_points(f"vision_encoder/model_{mode}.onnx") == {True}  # both: zero points for the encoders (measured)
+    # Both 8-bit variants keep the projection float32 (KEEP_FP32_8BIT, measured on the real-weights model).
+    projection = onnx.load(str(onnx_dir / f"projection_{mode}.onnx")).graph.node
+    assert zero_points(f"projection_{mode}.onnx") == set() and [n.op_type for n in projection if "MatMul" in n.op_type] == ["MatMul"]
 
 
 def test_dynamic_recipe_uint8_uses_unsigned_weights_and_int8_signed_seven_bit(bundle) -> None:

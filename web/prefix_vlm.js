@@ -27,6 +27,10 @@
  *
  * Cache: every file is kept in Cache Storage under its manifest sha256, so a second visit fetches
  * only vlmexport.json and a re-exported file is fetched alone; `clearCache()` deletes it.
+ *
+ * Load order: files arrive one at a time, the smallest graph first, and each graph's session is
+ * created as soon as it is here while the next one downloads (or is read from the cache), so a
+ * load costs about max(transfer, session creation) instead of their sum.
  */
 import * as wasmRuntime from 'onnxruntime-web';
 import { Tokenizer } from '@huggingface/tokenizers';

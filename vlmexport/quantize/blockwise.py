@@ -57,12 +57,15 @@ class BlockwiseRecipe:
     # and scales optimised per block, half-quadratic, no calibration data; needs torch) for bits < 8.
     algorithm: str = "rtn"
     smooth_alpha: float | None = 0.4  # outlier migration in decoder graphs (smooth.py); None: none
+    # fnmatch patterns of MatMul nodes the recipe itself keeps float32 (beside --exclude-nodes).
+    keep_fp32: tuple[str, ...] = field(default_factory=tuple)
 
     def describe(self) -> str:
+        kept = f"; float32: {', '.join(self.keep_fp32)}" if self.keep_fp32 else ""
         if self.algorithm == "hqq":
-            return f"{self.bits}-bit HQQ (zero points), blocks of {self.block_size}, float compute; 8-bit: {', '.join(self.high_bits) or 'none'}"
+            return f"{self.bits}-bit HQQ (zero points), blocks of {self.block_size}, float compute; 8-bit: {', '.join(self.high_bits) or 'none'}{kept}"
         kind = "symmetric" if self.symmetric else "asymmetric (zero points)"
-        return f"{self.bits}-bit {kind}, blocks of {self.block_size}, accuracy_level {self.accuracy_level}"
+        return f"{self.bits}-bit {kind}, blocks of {self.block_size}, accuracy_level {self.accuracy_level}{kept}"
 
 
 def quantize_blockwise(
@@ -70,9 +73,11 @@ def quantize_blockwise(
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """`model` with every constant-weight MatMul as MatMulNBits, the tied table shared.
 
-    `exclude` are node names kept float32; `high_nodes` (plus the recipe's `high_bits`
-    patterns) get 8 bits where the recipe has fewer.
+    `exclude` are node names kept float32 (so are those matching the recipe's `keep_fp32`);
+    `high_nodes` (plus the recipe's `high_bits` patterns) get 8 bits where the recipe has fewer.
     """
+    kept = {n.name for n in model.graph.node if n.op_type == "MatMul" and any(fnmatch.fnmatchcase(n.name, p) for p in recipe.keep_fp32)}
+    exclude = sorted(set(exclude) | kept)
     found = shared.shared_tables(model)
     tables = [t for t in found if not any(n in exclude for n in (*t.gather_nodes, *t.matmul_nodes))]
     if tables:

@@ -37,9 +37,19 @@ MODES = ("int8", "uint8", "fp16", "q4")
 # int8's remaining KL is the kernel's int8 activations (accuracy level 4), not its 8-bit weights:
 # at accuracy level 1 the same decoder measured KL 0.0032 instead of 0.022 (32 images), but
 # onnxruntime 1.32 then computes 8-bit MatMulNBits without a fast kernel, 5× slower than fp32.
+# The 8-bit variants keep float32 the nodes where int8 activations cost the real-weights model
+# most for the fewest bytes: the projection (the prefix's own matrix, 1.3 MB) and the first
+# decoder layers' attention projections. `--keep-fp32 auto`'s ranking (each node quantized alone,
+# on 8 image prefixes + text not used below) put layer 0's MLP and attention, layer 1's o_proj
+# and the head first; measured end to end on two other sets of 32 image prefixes (images 0–31 /
+# 40–71, mean KL): all quantized 0.0239 / 0.0120; projection float32 0.0179 / 0.0118; these
+# three nodes 0.0138 / 0.0095; both (the recipe) 0.0077 / 0.0079 at 0.293 × fp32 bytes; adding
+# layer 0's MLP 0.0115 / 0.0085 and also layer 0's down_proj and layer 1's q/k/v 0.0137 / 0.0089
+# (more bytes, no better: the errors do not add up node by node). The head alone would cost 81 MB.
+KEEP_FP32_8BIT = ("/projection/*", "/model/layers.0/self_attn/*", "/model/layers.1/self_attn/o_proj/*")
 RECIPES: dict[str, BlockwiseRecipe] = {
-    "int8": BlockwiseRecipe(bits=8, symmetric=True),
-    "uint8": BlockwiseRecipe(bits=8, symmetric=False),
+    "int8": BlockwiseRecipe(bits=8, symmetric=True, keep_fp32=KEEP_FP32_8BIT),
+    "uint8": BlockwiseRecipe(bits=8, symmetric=False, keep_fp32=KEEP_FP32_8BIT),
     # q4: decoder KL on the real-weights model: symmetric 4-bit 0.43, with down_proj + head at 8
     # bits and outlier migration 0.21 (end to end 0.31 on 16 images, 1.32× faster than fp32).
     "q4": BlockwiseRecipe(bits=4, symmetric=True, high_bits=("*down_proj*", "*lm_head*")),
@@ -56,7 +66,10 @@ HQQ_RECIPES: dict[str, BlockwiseRecipe] = {
 # 0.0097; the decoder itself measured better symmetric (0.0056 vs 0.0073).
 # q4's encoders, with either recipe: RTN symmetric 4-bit — HQQ's per-block zero points and scales
 # cost the vision encoder 67 MB instead of 54 MB, which puts the variant over 0.20 × fp32 (0.203).
-ENCODER_RECIPES: dict[str, BlockwiseRecipe] = {"int8": BlockwiseRecipe(bits=8, symmetric=False), "q4": BlockwiseRecipe(bits=4, symmetric=True)}
+ENCODER_RECIPES: dict[str, BlockwiseRecipe] = {
+    "int8": BlockwiseRecipe(bits=8, symmetric=False, keep_fp32=KEEP_FP32_8BIT),
+    "q4": BlockwiseRecipe(bits=4, symmetric=True),
+}
 ENCODERS = ("vision_encoder", "projection")
 RECIPE_NAMES = ("blockwise", "dynamic", "hqq")
 # Graphs that only look rows up (the transformers.js layout's embed_tokens): the table as the
