@@ -25,8 +25,9 @@
  * There the default is navigator.hardwareConcurrency threads, at most 4; onnxruntime-web's own
  * default, min(4, ceil(cores / 2)), leaves a 2-core machine on one thread (measured 1.58x slower).
  *
- * Cache: every file is kept in Cache Storage under its manifest sha256, so a second visit fetches
- * only vlmexport.json and a re-exported file is fetched alone; `clearCache()` deletes it.
+ * Cache: every file is kept in Cache Storage under its manifest sha256 (in parts of at most 128 MB:
+ * Chromium refused a 538 MB entry), so a second visit fetches only vlmexport.json and a
+ * re-exported file is fetched alone; `clearCache()` deletes it.
  *
  * Load order: files arrive one at a time, the smallest graph first, and each graph's session is
  * created as soon as it is here while the next one downloads (or is read from the cache), so a
@@ -129,7 +130,12 @@ async function openCache(enabled) {
 
 // Content-addressed keys: a file is found again whatever URL or bundle folder it came from, and a
 // changed file (new sha256) is a different key. The URL is never fetched.
-const cacheKey = (sha256) => new URL(`/.vlmexport-cache/sha256/${sha256}`, globalThis.location?.href ?? 'http://localhost/').href;
+const cacheKey = (sha256, part) => new URL(`/.vlmexport-cache/sha256/${sha256}/${part}`, globalThis.location?.href ?? 'http://localhost/').href;
+// A file is kept in parts of PrefixConditioningVLM.cachePartBytes (see there).
+const cacheKeys = (info) => {
+  const parts = Math.max(1, Math.ceil(info.size / PrefixConditioningVLM.cachePartBytes));
+  return Array.from({ length: parts }, (_, part) => cacheKey(info.sha256, part));
+};
 
 /**
  * Delete every cached bundle file (Cache Storage); the next load downloads them again.
@@ -201,6 +207,10 @@ function lastLogits(tensor) {
 }
 
 export class PrefixConditioningVLM {
+  // Cache Storage part size: Chromium refuses one entry of a full-size fp32 decoder ("Unexpected
+  // internal error" putting 538 MB; the same bytes in 128 MB parts store fine, measured).
+  static cachePartBytes = 128 * 1024 * 1024;
+
   constructor() {
     this.manifest = null;
     this.variant = null;
@@ -388,13 +398,20 @@ export class PrefixConditioningVLM {
     console.info(`prefix_vlm: ${message}`);
   }
 
-  /** The cached bytes of a file when their size is the manifest's (they were verified when stored), else null. */
+  /** The cached bytes of a file when all its parts are there and add up to the manifest's size (they were verified when stored), else null. */
   async #fromCache(store, info) {
     try {
-      const hit = await store.match(cacheKey(info.sha256));
-      if (!hit) return null;
-      const bytes = new Uint8Array(await hit.arrayBuffer());
-      return bytes.length === info.size ? bytes : null;
+      const bytes = new Uint8Array(info.size);
+      let filled = 0;
+      for (const key of cacheKeys(info)) {
+        const hit = await store.match(key);
+        if (!hit) return null;
+        const part = new Uint8Array(await hit.arrayBuffer());
+        if (filled + part.length > info.size) return null;
+        bytes.set(part, filled);
+        filled += part.length;
+      }
+      return filled === info.size ? bytes : null;
     } catch {
       return null;
     }
@@ -402,16 +419,20 @@ export class PrefixConditioningVLM {
 
   async #toCache(store, info, bytes) {
     try {
-      await store.put(cacheKey(info.sha256), new Response(bytes, { headers: { 'Content-Type': 'application/octet-stream', 'Content-Length': String(bytes.length) } }));
+      for (const [part, key] of cacheKeys(info).entries()) {
+        const size = PrefixConditioningVLM.cachePartBytes;
+        const slice = bytes.subarray(part * size, (part + 1) * size);
+        await store.put(key, new Response(slice, { headers: { 'Content-Type': 'application/octet-stream', 'Content-Length': String(slice.length) } }));
+      }
     } catch (error) {
-      // A full quota only costs the next visit a download; the model still loads.
+      // A full quota only costs the next visit a download (a file with a part missing is not read); the model still loads.
       this.#note(`could not cache a file (${error.message}): the next visit downloads it again`);
     }
   }
 
   /** Drop cached files this bundle no longer lists (older exports), so the cache does not grow with every re-export. */
   static async #prune(store, manifest) {
-    const current = new Set(Object.values(manifest.files).map((info) => cacheKey(info.sha256)));
+    const current = new Set(Object.values(manifest.files).flatMap((info) => cacheKeys(info)));
     for (const request of await store.keys()) {
       if (!current.has(request.url)) await store.delete(request);
     }

@@ -2,7 +2,7 @@
 
 | mode  | what it is inside (recorded per file in the manifest)                                   | files          |
 |-------|-----------------------------------------------------------------------------------------|----------------|
-| int8  | MatMulNBits 8-bit blocks of 32, accuracy level 4: decoder symmetric with outliers migrated, vision encoder and projection with zero points (blockwise.py, smooth.py) | `*_int8.onnx`  |
+| int8  | MatMulNBits 8-bit blocks of 32, accuracy level 4: decoder symmetric with outliers migrated, vision encoder with zero points; the projection and the first two decoder layers' attention (and layer 1's down_proj) float32 (blockwise.py, smooth.py, quantize.KEEP_FP32_8BIT) | `*_int8.onnx`  |
 | uint8 | the same with uint8 codes and a zero point per block                                    | `*_uint8.onnx` |
 | fp16  | convert_float_to_float16, graph I/O fp32, measured-hot nodes in real float32 islands (fp16.py) | `*_fp16.onnx`  |
 | q4    | MatMulNBits 4-bit symmetric blocks of 32, down_proj and the tied head at 8 bits (`--recipe hqq`: decoder by HQQ) | `*_q4.onnx`    |

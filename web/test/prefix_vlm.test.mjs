@@ -240,3 +240,50 @@ test('graphs arrive smallest first, and a session starts while a larger graph is
   assert.ok(events.findIndex((e) => e.startsWith('starting ')) < events.indexOf(`delivered ${largest}`), events.join(' | '));
   await model.dispose();
 });
+
+/** Cache Storage as a browser has it, in memory (Node has none): what loadModel stores and reads. */
+function memoryCaches() {
+  const entries = new Map();
+  const store = {
+    entries,
+    match: async (key) => (entries.has(key) ? new Response(entries.get(key)) : undefined),
+    put: async (key, response) => void entries.set(key, new Uint8Array(await response.arrayBuffer())),
+    keys: async () => [...entries.keys()].map((url) => ({ url })),
+    delete: async (request) => entries.delete(request.url ?? request),
+  };
+  return { store, caches: { open: async () => store, delete: async () => entries.clear() || true } };
+}
+
+test('the cache keeps files in parts, reads them back whole, and downloads a file again when a part is gone', needsFixture, async () => {
+  const reference = fixture.bundles[0];
+  const { dir } = reference;
+  const { store, caches } = memoryCaches();
+  const saved = [globalThis.caches, PrefixConditioningVLM.cachePartBytes];
+  globalThis.caches = caches;
+  PrefixConditioningVLM.cachePartBytes = 4096;
+  try {
+    const manifest = JSON.parse(readFileSync(`${dir}/vlmexport.json`, 'utf8'));
+    const largest = Object.values(manifest.variants.fp32).sort((a, b) => manifest.files[b].size - manifest.files[a].size)[0];
+    const parts = Math.ceil(manifest.files[largest].size / 4096);
+    assert.ok(parts > 1, `${largest} is too small to need parts`);
+    const load = () => new PrefixConditioningVLM().loadModel(dir, { fetch: fileFetch(), numThreads: THREADS });
+    const first = await load();
+    assert.equal(first.loadStats.fromCache.length, 0);
+    const sha = manifest.files[largest].sha256;
+    const keys = [...store.entries.keys()].filter((key) => key.includes(`/sha256/${sha}/`));
+    assert.equal(keys.length, parts);
+    await first.dispose();
+
+    const second = await load();
+    assert.equal(second.loadStats.downloadedBytes, 0);
+    assert.deepEqual(await second.generateTokens({ data: floats(reference.pixels), dims: reference.dims }), reference.greedy);
+    await second.dispose();
+
+    store.entries.delete(keys.at(-1));
+    const third = await load();
+    assert.deepEqual(third.loadStats.downloaded, [largest]);
+    await third.dispose();
+  } finally {
+    [globalThis.caches, PrefixConditioningVLM.cachePartBytes] = saved;
+  }
+});
