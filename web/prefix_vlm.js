@@ -31,7 +31,8 @@
  *
  * Load order: files arrive one at a time, the smallest graph first, and each graph's session is
  * created as soon as it is here while the next one downloads (or is read from the cache), so a
- * load costs about max(transfer, session creation) instead of their sum.
+ * load costs about max(transfer, session creation) instead of their sum. Loading another variant
+ * into a loaded model waits for every new file first, so a failed download leaves the model running.
  */
 import * as wasmRuntime from 'onnxruntime-web';
 import { Tokenizer } from '@huggingface/tokenizers';
@@ -307,11 +308,14 @@ export class PrefixConditioningVLM {
       files[rel].catch(() => {}); // awaited below; a failure is thrown there, not reported as unhandled
     }
     const text = async (rel) => JSON.parse(new TextDecoder().decode(await files[rel]));
-    let wasmOnly;
+    let wasmOnly, preprocessor, tokenizer, generationConfig;
     try {
-      this.preprocessor = readPreprocessorConfig(await text('preprocessor_config.json'));
-      this.tokenizer = new Tokenizer(await text('tokenizer.json'), await text('tokenizer_config.json'));
-      this.generationConfig = optional.includes('generation_config.json') ? await text('generation_config.json') : {};
+      preprocessor = readPreprocessorConfig(await text('preprocessor_config.json'));
+      tokenizer = new Tokenizer(await text('tokenizer.json'), await text('tokenizer_config.json'));
+      generationConfig = optional.includes('generation_config.json') ? await text('generation_config.json') : {};
+      // A model already loaded keeps running until every new file is here and verified (a failed
+      // download leaves it usable); only a first load starts sessions while files still arrive.
+      if (Object.keys(this.sessions).length) await chain;
       await this.dispose(); // the previous variant's sessions, before this one's take the memory
       wasmOnly = await this.#startSessions(graphs, files, external, report);
       await chain;
@@ -319,6 +323,9 @@ export class PrefixConditioningVLM {
       stopped = true;
       throw error;
     }
+    this.preprocessor = preprocessor;
+    this.tokenizer = tokenizer;
+    this.generationConfig = generationConfig;
     if (store) await PrefixConditioningVLM.#prune(store, manifest);
     this.loadStats = stats;
     if (wasmOnly.length === graphs.length) this.device = 'wasm'; // nothing of this variant runs on WebGPU

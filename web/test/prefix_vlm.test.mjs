@@ -287,3 +287,15 @@ test('the cache keeps files in parts, reads them back whole, and downloads a fil
     [globalThis.caches, PrefixConditioningVLM.cachePartBytes] = saved;
   }
 });
+
+test('a failed load of another variant leaves the loaded model running', needsFixture, async () => {
+  const reference = fixture.bundles[0];
+  const model = await new PrefixConditioningVLM().loadModel(reference.dir, { fetch: fileFetch(), numThreads: THREADS });
+  const manifest = JSON.parse(readFileSync(`${reference.dir}/vlmexport.json`, 'utf8'));
+  const last = Object.values(manifest.variants.int8).sort((a, b) => manifest.files[a].size - manifest.files[b].size).at(-1);
+  const flipLast = (url, data) => (url.endsWith(`/${last}`) ? Uint8Array.from(data, (b, i) => (i === data.length - 1 ? b ^ 1 : b)) : data);
+  await assert.rejects(model.loadModel(reference.dir, { variant: 'int8', fetch: fileFetch(flipLast), numThreads: THREADS }), /does not match its manifest sha256/);
+  assert.equal(model.variant, 'fp32');
+  assert.deepEqual(await model.generateTokens({ data: floats(reference.pixels), dims: reference.dims }), reference.greedy);
+  await model.dispose();
+});
