@@ -38,7 +38,7 @@ MODES = ("int8", "uint8", "fp16", "q4")
 # at accuracy level 1 the same decoder measured KL 0.0032 instead of 0.022 (32 images), but
 # onnxruntime 1.32 then computes 8-bit MatMulNBits without a fast kernel, 5× slower than fp32.
 # The 8-bit variants keep float32 the nodes where int8 activations cost the real-weights model
-# most for the fewest bytes: the projection (the prefix's own matrix, 1.3 MB) and, of the first
+# most for the fewest bytes: the projection (the prefix's own matrix, 1.8 MB float32) and, of the first
 # two decoder layers (where the image prefix enters), the attention projections and layer 1's
 # down_proj. `--keep-fp32 auto`'s ranking (each node quantized alone) on 8 image prefixes + text,
 # and again on the two worst images of a third set, put these and layer 0's MLP first. Measured
