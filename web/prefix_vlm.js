@@ -408,11 +408,15 @@ export class PrefixConditioningVLM {
   /** The cached bytes of a file when all its parts are there and add up to the manifest's size (they were verified when stored), else null. */
   async #fromCache(store, info) {
     try {
-      const bytes = new Uint8Array(info.size);
-      let filled = 0;
+      const hits = [];
       for (const key of cacheKeys(info)) {
         const hit = await store.match(key);
-        if (!hit) return null;
+        if (!hit) return null; // before allocating: on a cold load nothing is cached
+        hits.push(hit);
+      }
+      const bytes = new Uint8Array(info.size);
+      let filled = 0;
+      for (const hit of hits) {
         const part = new Uint8Array(await hit.arrayBuffer());
         if (filled + part.length > info.size) return null;
         bytes.set(part, filled);
@@ -426,8 +430,8 @@ export class PrefixConditioningVLM {
 
   async #toCache(store, info, bytes) {
     try {
+      const size = PrefixConditioningVLM.cachePartBytes;
       for (const [part, key] of cacheKeys(info).entries()) {
-        const size = PrefixConditioningVLM.cachePartBytes;
         const slice = bytes.subarray(part * size, (part + 1) * size);
         await store.put(key, new Response(slice, { headers: { 'Content-Type': 'application/octet-stream', 'Content-Length': String(slice.length) } }));
       }
