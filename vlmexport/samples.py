@@ -55,7 +55,8 @@ def random_shape(rng: random.Random, size: int = 64) -> tuple[Image.Image, str]:
 
 
 def sample_images(count: int = 4, size: int = 224, seed: int = 0) -> list[Image.Image]:
-    """Varied, non-blank images: shapes, a gradient, noise, stripes — cycled to `count`."""
+    """Varied, non-blank, pairwise distinct images: shapes alternating with textures — a gradient,
+    noise and stripes first, then textures of random kind, colours and scale."""
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 255, size, dtype=np.float32)
@@ -69,5 +70,30 @@ def sample_images(count: int = 4, size: int = 224, seed: int = 0) -> list[Image.
     images: list[Image.Image] = []
     while len(images) < count:
         i = len(images)
-        images.append(random_shape(rng, size)[0] if i % 2 == 0 else textures[(i // 2) % len(textures)])
+        if i % 2 == 0:
+            images.append(random_shape(rng, size)[0])
+        else:
+            # Beyond the first three textures, new ones: a fidelity mean over many images must
+            # not count the same three pictures again and again (it did: 48 of 96 were copies).
+            images.append(textures[i // 2] if i // 2 < len(textures) else random_texture(np_rng, size))
     return images
+
+
+def random_texture(np_rng: np.random.Generator, size: int) -> Image.Image:
+    """A gradient, blocky noise or stripes with random colours, direction and scale."""
+    kind = int(np_rng.integers(3))
+    low, high = np_rng.integers(0, 256, 3).astype(np.float32), np_rng.integers(0, 256, 3).astype(np.float32)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    if kind == 0:  # linear gradient between two colours, any direction
+        angle = np_rng.uniform(0, 2 * np.pi)
+        t = x * np.cos(angle) + y * np.sin(angle)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    elif kind == 1:  # noise in square cells of 1 to 16 pixels
+        cell = int(np_rng.integers(1, 17))
+        cells = np_rng.random(((size + cell - 1) // cell,) * 2)
+        t = np.kron(cells, np.ones((cell, cell)))[:size, :size]
+    else:  # stripes of random period and direction, two colours
+        period = int(np_rng.integers(4, 33))
+        t = ((np.arange(size)[:, None] * np_rng.integers(0, 2) + np.arange(size)[None, :]) // period % 2).astype(np.float32)
+    pixels = low + (high - low) * t[..., None]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
