@@ -106,6 +106,7 @@ def pretrained_model(config: VLMConfig, table: dict[str, Any], seed: int = 0) ->
     lm, tokenizer = load_gguf_decoder(source)
     check_text_config(lm, {k: v for k, v in config.text_config.items() if k != "model_type"}, source)
     lm.config._attn_implementation = ATTN_IMPLEMENTATION
+    dither_off_grid(lm, torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
     vision = build_vision_encoder(config)
     projection = Projection(vision.config.hidden_size, int(lm.config.hidden_size), config.projection_type, config.mlp_hidden_dim)
@@ -116,6 +117,44 @@ def pretrained_model(config: VLMConfig, table: dict[str, Any], seed: int = 0) ->
     _scale_projection(model)
     randomise_lora(model, torch.Generator().manual_seed(seed), float(table.get("lora", {}).get("b_std", 0.02)))
     return model, tokenizer
+
+
+# The GGUF's quantization grids, as (levels above the block's minimum, whether the grid is symmetric):
+# Q4_1 stores w = d·q + m, q in 0..15; Q8_0 stores w = d·q, |q| ≤ 127 (d = max|w| / 127).
+GRIDS = ((15, False), (127, True))
+
+
+@torch.no_grad()
+def dither_off_grid(lm: torch.nn.Module, generator: torch.Generator, block: int = 32) -> int:
+    """Move every weight matrix of the GGUF decoder off its quantization grid: uniform noise of one
+    grid step (±step/2) per block of `block` along the input axis. Returns how many blocks moved.
+
+    Why: dequantized GGUF weights sit exactly on the grids of the recipes under test — Q4_1
+    (210 of the file's matrices) is a 16-level grid per block of 32 that a 4-bit block-32
+    quantizer with float zero points (HQQ) reproduces with zero error, and the tied table is
+    Q8_0, exactly MatMulNBits' symmetric 8-bit blocks of 32 on the same axis (the int8 head lost
+    nothing). A real fine-tuned checkpoint has no such grid, so those recipes were flattered. One
+    step of uniform noise is, statistically, the rounding error the GGUF's quantizer removed:
+    snapping back to the old grid now costs what rounding a continuous weight costs.
+    Blocks on neither grid (none in this file) are left as they are.
+    """
+    moved = 0
+    for module in lm.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or weight is None or weight.shape[-1] % block:
+            continue
+        blocks = weight.data.view(-1, block)
+        low, high = blocks.amin(1, keepdim=True), blocks.amax(1, keepdim=True)
+        step = torch.zeros_like(low)
+        for levels, symmetric in GRIDS:
+            d = (blocks.abs().amax(1, keepdim=True) if symmetric else high - low) / levels
+            codes = blocks / d if symmetric else (blocks - low) / d
+            on_grid = ((codes - codes.round()).abs() <= 1e-3).all(1, keepdim=True) & (d > 0) & (step == 0)
+            step = torch.where(on_grid, d, step)
+        noise = torch.rand(blocks.shape, generator=generator, dtype=blocks.dtype) - 0.5
+        blocks.add_(noise * step)
+        moved += int((step > 0).sum())
+    return moved
 
 
 @torch.no_grad()
