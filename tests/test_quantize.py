@@ -142,11 +142,17 @@ def test_blockwise_table_is_one_quantized_copy_shared_by_head_and_embedding(bund
     assert len(head) == 1 and len(gather) == 1
     reshape = next(n for n in graph.node if n.output[0] == gather[0].input[0])
     assert reshape.op_type == "Reshape" and reshape.input[0] == head[0].input[1]
-    # The only large float32 weights left are those of the nodes the recipe keeps float32 (not the table).
+    # The only float MatMuls left are the nodes the recipe keeps float32 (not the table); the 8-bit
+    # recipes store their weights float16 behind a Cast back to float32 (blockwise._store_half).
     kept = [n for n in graph.node if n.op_type == "MatMul" and any(fnmatch.fnmatchcase(n.name, p) for p in RECIPES[mode].keep_fp32)]
-    assert {n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in {i.name for i in graph.initializer}} == {n.name for n in kept}
-    large = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 64 * 64}
-    assert large == {n.input[1] for n in kept}
+    inits = {i.name: i for i in graph.initializer}
+    casts = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in inits}
+    stored = {n.name: inits[casts.get(n.input[1], n.input[1])] for n in graph.node if n.op_type == "MatMul" and casts.get(n.input[1], n.input[1]) in inits}
+    assert set(stored) == {n.name for n in kept}
+    want = onnx.TensorProto.FLOAT16 if RECIPES[mode].kept_storage == "float16" else onnx.TensorProto.FLOAT
+    assert {t.data_type for t in stored.values()} <= {want}
+    large = {i.name for i in graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and np.prod(i.dims) >= 64 * 64}
+    assert large == {t.name for t in stored.values()}
     # Read through the head's quantized weights, every embedding row is its fp32 row within one
     # step of its block's scale: a wrong nibble order or zero point would be far off.
     table = next(numpy_helper.to_array(i) for i in onnx.load(str(onnx_dir / "decoder/model.onnx")).graph.initializer if list(i.dims) == [64, 64])
@@ -226,8 +232,11 @@ def test_uint8_blocks_have_zero_points_and_int8_decoder_blocks_are_symmetric(bun
     assert zero_points(f"decoder/model_{mode}.onnx") == {decoder_zero_points}
     assert zero_points(f"vision_encoder/model_{mode}.onnx") == {True}  # both: zero points for the encoders (measured)
     # Both 8-bit variants keep the projection float32 (KEEP_FP32_8BIT, measured on the real-weights model).
-    projection = onnx.load(str(onnx_dir / f"projection_{mode}.onnx")).graph.node
-    assert zero_points(f"projection_{mode}.onnx") == set() and [n.op_type for n in projection if "MatMul" in n.op_type] == ["MatMul"]
+    projection = onnx.load(str(onnx_dir / f"projection_{mode}.onnx")).graph
+    assert zero_points(f"projection_{mode}.onnx") == set() and [n.op_type for n in projection.node if "MatMul" in n.op_type] == ["MatMul"]
+    # ... stored float16 and cast back: half the bytes, the same float32 compute.
+    assert [i.data_type for i in projection.initializer if len(i.dims) == 2] == [onnx.TensorProto.FLOAT16]
+    assert [n.op_type for n in projection.node if n.op_type == "Cast"] == ["Cast"]
 
 
 def test_dynamic_recipe_uint8_uses_unsigned_weights_and_int8_signed_seven_bit(bundle) -> None:

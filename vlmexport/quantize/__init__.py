@@ -2,10 +2,10 @@
 
 | mode  | what it is inside (recorded per file in the manifest)                                   | files          |
 |-------|-----------------------------------------------------------------------------------------|----------------|
-| int8  | MatMulNBits 8-bit blocks of 32, accuracy level 4: decoder symmetric with outliers migrated, vision encoder with zero points; the projection and the first two decoder layers' attention (and layer 1's down_proj) float32 (blockwise.py, smooth.py, quantize.KEEP_FP32_8BIT) | `*_int8.onnx`  |
+| int8  | MatMulNBits 8-bit blocks of 32, accuracy level 4: decoder symmetric with outliers migrated, vision encoder with zero points; the projection and the most sensitive decoder nodes (layers 0-2, layer 27's gate/up) computed float32 from float16-stored weights (blockwise.py, smooth.py, quantize.KEEP_FP32_8BIT) | `*_int8.onnx`  |
 | uint8 | the same with uint8 codes and a zero point per block                                    | `*_uint8.onnx` |
 | fp16  | convert_float_to_float16, graph I/O fp32, measured-hot nodes in real float32 islands (fp16.py) | `*_fp16.onnx`  |
-| q4    | MatMulNBits 4-bit symmetric blocks of 32, down_proj and the tied head at 8 bits (`--recipe hqq`: decoder by HQQ) | `*_q4.onnx`    |
+| q4    | MatMulNBits 4-bit symmetric blocks of 32, down_proj and the tied head at 8 bits, the projection and layers 0-1's attention and layer 0's MLP float (float16-stored; quantize.KEEP_FLOAT_Q4) (`--recipe hqq`: decoder by HQQ) | `*_q4.onnx`    |
 
 `--recipe dynamic` keeps onnxruntime's quantize_dynamic (MatMulInteger; int8 with 7-bit weights,
 uint8 U8U8) for runtimes without MatMulNBits (integer.py). `--keep-fp32 auto` ranks every decoder
@@ -13,7 +13,11 @@ node by the KL its quantization costs alone and keeps the fewest fp32 that meet 
 (sensitivity.py). Every recipe's choice was measured on the real-weights model
 (`vlmexport synth --preset smollm2-135m-real`: pretrained SmolLM2-135M-Instruct decoder), mean
 KL(fp32 ‖ variant) teacher-forced on 8 image prefixes + real English text (fidelity.py), decoder
-only, x86 AVX512-VNNI:
+only, x86 AVX512-VNNI. This table was measured on the checkpoint's first build, whose weights
+still sat on the GGUF's grids (Q4_1 blocks; the tied table Q8_0, exactly int8's head blocks): it
+flatters every 8-bit head and, most, HQQ, which can recover a Q4_1 grid exactly. synth now
+dithers the weights off those grids (checkpoint.synth.dither_off_grid); the README's fidelity
+table is from that build.
 
 | decoder recipe                                                  | mean KL | bytes   |
 |-----------------------------------------------------------------|---------|---------|
@@ -27,7 +31,7 @@ only, x86 AVX512-VNNI:
 | MatMulNBits 4-bit, block 32 (symmetric; asymmetric 0.42)        | 0.43    | 85 MB   |
 | … block 16                                                      | 0.30    | 101 MB  |
 | … down_proj 8-bit / + head 8-bit, α 0.4                         | 0.32 / 0.21 | 98 / 112 MB |
-| HQQ 4-bit (onnxruntime's HQQ config), down_proj + head 8-bit / head 8-bit | 0.049 / **0.045** | 122 / 112 MB |
+| HQQ 4-bit (onnxruntime's HQQ config), down_proj + head 8-bit / head 8-bit (on the grid: flattered) | 0.049 / **0.045** | 122 / 112 MB |
 | fp16, converter alone (float32 "kept" nodes exchange float16)   | 6.5     |         |
 | fp16, measured-hot nodes in joined float32 islands              | 1.6e-5  |         |
 

@@ -59,9 +59,13 @@ class BlockwiseRecipe:
     smooth_alpha: float | None = 0.4  # outlier migration in decoder graphs (smooth.py); None: none
     # fnmatch patterns of MatMul nodes the recipe itself keeps float32 (beside --exclude-nodes).
     keep_fp32: tuple[str, ...] = field(default_factory=tuple)
+    # How the weights of those nodes are stored: "float16" (cast to float32 at load: computed in
+    # float32, half the bytes) or "float32".
+    kept_storage: str = "float32"
 
     def describe(self) -> str:
-        kept = f"; float32: {', '.join(self.keep_fp32)}" if self.keep_fp32 else ""
+        stored = " (stored float16)" if self.kept_storage == "float16" else ""
+        kept = f"; float32{stored}: {', '.join(self.keep_fp32)}" if self.keep_fp32 else ""
         if self.algorithm == "hqq":
             return f"{self.bits}-bit HQQ (zero points), blocks of {self.block_size}, float compute; 8-bit: {', '.join(self.high_bits) or 'none'}{kept}"
         kind = "symmetric" if self.symmetric else "asymmetric (zero points)"
@@ -87,10 +91,13 @@ def quantize_blockwise(
     if recipe.bits >= 8:
         high = []
     if high:
-        model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, recipe.accuracy_level), 8, exclude, include=high)
+        # 8-bit nodes at accuracy level 4 whatever the recipe's: onnxruntime has no fast float-compute
+        # kernel for 8-bit MatMulNBits (level 1 measured 5x slower than fp32).
+        model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, 4), 8, exclude, include=high)
     model = _nbits(model, recipe, recipe.bits, exclude, include=None)
     shared_ok = [_gather_from_head(model, table) for table in tables]
     shared.store_shared_weights_once(model)  # an excluded head's float table: once again
+    halved = _store_half(model, kept) if recipe.kept_storage == "float16" else []
     record = {
         "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
         "weights": recipe.describe(),
@@ -99,8 +106,42 @@ def quantize_blockwise(
         "excluded_nodes": len(exclude),
         "excluded": sorted(exclude),
         "eight_bit_nodes": high,
+        "float16_stored_nodes": halved,
     }
     return model, record
+
+
+def _store_half(model: onnx.ModelProto, nodes: set[str]) -> list[str]:
+    """Store the float32 weight matrices of `nodes` (MatMuls the recipe keeps float) as float16,
+    each behind a Cast back to float32: computed in float32 as before, stored in half the bytes.
+
+    Why: the variant's size target leaves no room for float32 weights (int8: 0.30 × fp32), and
+    float16's rounding of a weight (2^-11 relative) is far below int8 activations' error.
+    onnxruntime folds a Cast of an initializer into a float32 constant when the session starts
+    (so does onnxruntime-web), so no run pays for it. Returns the nodes whose weights moved.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    halved = []
+    for node in list(graph.node):
+        if node.name not in nodes or node.op_type != "MatMul":
+            continue
+        name = node.input[1]
+        init = inits.get(name)
+        if init is None or init.data_type != onnx.TensorProto.FLOAT or readers[name] != 1:
+            continue  # not a constant of its own (a shared table stays as it is)
+        values = numpy_helper.to_array(init)
+        if np.abs(values).max() >= np.finfo(np.float16).max / 2:
+            continue  # float16 cannot hold it (no such weight measured; outlier migration scales weights up)
+        graph.initializer.remove(init)
+        graph.initializer.append(numpy_helper.from_array(values.astype(np.float16), f"{name}_float16"))
+        graph.node.insert(list(graph.node).index(node), helper.make_node("Cast", [f"{name}_float16"], [name], name=f"{node.name}_weight_cast", to=onnx.TensorProto.FLOAT))
+        halved.append(node.name)
+    return sorted(halved)
 
 
 PROBE = "embedding_table_probe"
