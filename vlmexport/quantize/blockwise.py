@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -61,7 +61,7 @@ class BlockwiseRecipe:
     keep_fp32: tuple[str, ...] = field(default_factory=tuple)
     # How the weights of those nodes are stored: "float16" (cast to float32 at load: computed in
     # float32, half the bytes) or "float32".
-    kept_storage: str = "float32"
+    kept_storage: Literal["float32", "float16"] = "float32"
 
     def describe(self) -> str:
         stored = " (stored float16)" if self.kept_storage == "float16" else ""
@@ -91,9 +91,7 @@ def quantize_blockwise(
     if recipe.bits >= 8:
         high = []
     if high:
-        # 8-bit nodes at accuracy level 4 whatever the recipe's: onnxruntime has no fast float-compute
-        # kernel for 8-bit MatMulNBits (level 1 measured 5x slower than fp32).
-        model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, 4), 8, exclude, include=high)
+        model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, recipe.accuracy_level), 8, exclude, include=high)
     model = _nbits(model, recipe, recipe.bits, exclude, include=None)
     shared_ok = [_gather_from_head(model, table) for table in tables]
     shared.store_shared_weights_once(model)  # an excluded head's float table: once again
