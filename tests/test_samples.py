@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import torch
 
-from vlmexport.checkpoint.synth import dither_off_grid
+from vlmexport.checkpoint.synth import dither_off_grid, grid_step
 from vlmexport.samples import sample_images
 
 
@@ -18,13 +18,6 @@ def test_sample_images_are_distinct_non_blank_and_reproducible() -> None:
     assert len(digests) == 96
     assert all(np.asarray(i).std() > 0 for i in images)
     assert [np.asarray(i).tobytes() for i in sample_images(8, 64)] == [np.asarray(i).tobytes() for i in images[:8]]
-
-
-def _on_grid(blocks: torch.Tensor, levels: int, symmetric: bool) -> torch.Tensor:
-    low = blocks.amin(1, keepdim=True)
-    step = (blocks.abs().amax(1, keepdim=True) if symmetric else blocks.amax(1, keepdim=True) - low) / levels
-    codes = blocks / step if symmetric else (blocks - low) / step
-    return ((codes - codes.round()).abs() <= 1e-3).all(1)
 
 
 def test_dither_moves_gguf_grids_off_and_no_further_than_half_a_step() -> None:
@@ -42,15 +35,16 @@ def test_dither_moves_gguf_grids_off_and_no_further_than_half_a_step() -> None:
     with torch.no_grad():
         lm[0].weight.copy_((q4 * d4 + m4).repeat(1, 2))  # two blocks a row
         lm[1].weight.copy_(q8 * d8)
-        lm[2].weight.copy_(free.view(64, 32))
+        lm[2].weight.copy_(free)
     before = [m.weight.detach().clone() for m in lm]
-    assert _on_grid(before[0].view(-1, 32), 15, False).all() and _on_grid(before[1].view(-1, 32), 127, True).all()
+    assert torch.allclose(grid_step(before[0].view(-1, 32)), d4.repeat_interleave(2, 0)) and torch.allclose(grid_step(before[1].view(-1, 32)), d8)
+    assert (grid_step(before[2].view(-1, 32)) == 0).all()
 
     moved = dither_off_grid(lm, torch.Generator().manual_seed(0))
 
     assert moved == 64 * 2 + 64
-    assert not _on_grid(lm[0].weight.detach().view(-1, 32), 15, False).any()
-    assert not _on_grid(lm[1].weight.detach().view(-1, 32), 127, True).any()
+    assert (grid_step(lm[0].weight.detach().view(-1, 32)) == 0).all()
+    assert (grid_step(lm[1].weight.detach().view(-1, 32)) == 0).all()
     assert (lm[0].weight.detach() - before[0]).abs().max() <= (d4.max() / 2) * 1.0001
     assert ((lm[1].weight.detach() - before[1]).abs() <= d8 / 2 * 1.0001).all()
     assert torch.equal(lm[2].weight.detach(), before[2])

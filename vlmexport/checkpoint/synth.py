@@ -144,17 +144,24 @@ def dither_off_grid(lm: torch.nn.Module, generator: torch.Generator, block: int 
         if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or weight is None or weight.shape[-1] % block:
             continue
         blocks = weight.data.view(-1, block)
-        low, high = blocks.amin(1, keepdim=True), blocks.amax(1, keepdim=True)
-        step = torch.zeros_like(low)
-        for levels, symmetric in GRIDS:
-            d = (blocks.abs().amax(1, keepdim=True) if symmetric else high - low) / levels
-            codes = blocks / d if symmetric else (blocks - low) / d
-            on_grid = ((codes - codes.round()).abs() <= 1e-3).all(1, keepdim=True) & (d > 0) & (step == 0)
-            step = torch.where(on_grid, d, step)
+        step = grid_step(blocks)
         noise = torch.rand(blocks.shape, generator=generator, dtype=blocks.dtype) - 0.5
         blocks.add_(noise * step)
         moved += int((step > 0).sum())
     return moved
+
+
+def grid_step(blocks: torch.Tensor) -> torch.Tensor:
+    """Per row of `blocks` ([n, block]), the step of the GGUF grid (GRIDS) it sits on exactly, or
+    0 where it sits on none: [n, 1]."""
+    low, high = blocks.amin(1, keepdim=True), blocks.amax(1, keepdim=True)
+    step = torch.zeros_like(low)
+    for levels, symmetric in GRIDS:
+        d = (blocks.abs().amax(1, keepdim=True) if symmetric else high - low) / levels
+        codes = blocks / d if symmetric else (blocks - low) / d
+        on_grid = ((codes - codes.round()).abs() <= 1e-3).all(1, keepdim=True) & (d > 0) & (step == 0)
+        step = torch.where(on_grid, d, step)
+    return step
 
 
 @torch.no_grad()

@@ -49,17 +49,16 @@ MODES = ("int8", "uint8", "fp16", "q4")
 # positions (2-5 nats each, where the random-vision prefix leaves the decoder at the threshold
 # of its massive activations) carry most of any such mean, so these differences are near its noise;
 # the ranking's order is the measurement the list follows.
+PREFIX_ENTRY = ("/projection/*", "/model/layers.0/self_attn/*", "/model/layers.1/self_attn/*")  # where the image prefix enters
 KEEP_FP32_8BIT = (
-    "/projection/*",
-    "/model/layers.0/self_attn/*",
-    "/model/layers.1/self_attn/*",
+    *PREFIX_ENTRY,
     "/model/layers.1/mlp/down_proj/*",
     "/model/layers.0/mlp/*",
     "/model/layers.27/mlp/gate_proj+up_proj/*",
     "/model/layers.2/self_attn/q_proj+k_proj+v_proj/*",
     "/model/layers.2/mlp/down_proj/*",
 )
-KEEP_FLOAT_Q4 = ("/projection/*", "/model/layers.0/self_attn/*", "/model/layers.1/self_attn/*", "/model/layers.0/mlp/*")
+KEEP_FLOAT_Q4 = (*PREFIX_ENTRY, "/model/layers.0/mlp/*")
 RECIPES: dict[str, BlockwiseRecipe] = {
     "int8": BlockwiseRecipe(bits=8, symmetric=True, keep_fp32=KEEP_FP32_8BIT, kept_storage="float16"),
     "uint8": BlockwiseRecipe(bits=8, symmetric=False, keep_fp32=KEEP_FP32_8BIT, kept_storage="float16"),
