@@ -1,13 +1,14 @@
 """Fidelity of every variant on the real-weights model, in one run: the README's table.
 
-    .venv/bin/python bench/fidelity_bench.py [--modes int8,uint8,fp16,q4] [--images 96] [--workdir DIR]
+    .venv/bin/python bench/fidelity_bench.py [--modes int8,uint8,fp16,q4] [--images 96] [--workdir DIR] [--preset NAME]
 
 The real-weights checkpoint (`vlmexport synth --preset smollm2-135m-real`: SigLIP-base-shaped
 vision, pretrained SmolLM2-135M-Instruct decoder) is built once and cached (see
 vlmexport.checkpoint.pretrained.cached_real_checkpoint), exported compact, quantized in each
 mode; then each variant, end to end, against fp32 (vlmexport.quantize.fidelity): mean KL and
-clear-margin top-1 teacher-forced on `--images` image prefixes and on real English text,
-greedy captions equal to fp32's (exactly, and up to fp32's first near-tie), bytes vs fp32, and
+clear-margin top-1 teacher-forced on `--images` image prefixes and on real English text (and
+the KL on the caption positions alone: fp32's tokens up to its EOS), greedy captions (to EOS)
+equal to fp32's (exactly, and up to fp32's first near-tie), bytes vs fp32, and
 a 30-token caption's time vs fp32 (variants alternating in one process, median of rounds).
 It prints the CPU kind: integer kernels differ by ISA, so every speed number names it.
 
@@ -50,6 +51,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=20, help="teacher-forced tokens per image")
     parser.add_argument("--rounds", type=int, default=5, help="timed captions per variant, alternating")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--preset", default="smollm2-135m-real", help="a pretrained preset, e.g. smollm2-135m-captioner (trained projection)")
     args = parser.parse_args()
 
     from vlmexport.bundle.manifest import read_manifest
@@ -64,7 +66,7 @@ def main() -> int:
     host = host_cpu()
     print(f"CPU: {host['cpu']} ({host['machine']}; {', '.join(host['isa'])}); onnxruntime {host['onnxruntime']}")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vlmexport-fidelity-"))
-    checkpoint = cached_real_checkpoint()
+    checkpoint = cached_real_checkpoint(args.preset)
     bundle_dir = workdir / "real-onnx"
     if not (bundle_dir / "vlmexport.json").is_file():
         export_bundle(checkpoint, bundle_dir, layout="compact", force=True)
@@ -89,14 +91,17 @@ def main() -> int:
     fp32_ms = statistics.median(times["fp32"])
     print(f"\n{args.images} image prefixes × {args.tokens} tokens + {fset.ids[-1].shape[1]} text tokens; "
           f"30-token caption, median of {args.rounds}, fp32 {fp32_ms:.0f} ms")  # fmt: skip
-    print("| variant | mean KL (images / text) | median KL · positions > 1 nat | top-1, clear margin | captions = fp32 (exact / to first near-tie) | size vs fp32 | caption vs fp32 |")
-    print("|---|---|---|---|---|---|---|")
+    lengths = fset.caption_lengths()
+    print(f"fp32's captions end (EOS) within the forced tokens on {sum(n < args.tokens or fset.ids[i][0, -1] == fset.eos for i, n in enumerate(lengths))} of {args.images} images; {sum(lengths)} caption positions")
+    print("| variant | mean KL (images / text) | KL on caption positions · > 1 nat | median KL · positions > 1 nat | top-1, clear margin | captions = fp32 (exact / to first near-tie) | size vs fp32 | caption vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode in modes:
         margin = profile_named(mode).logits.top1_margin
         result = end_to_end(fset, bundles[mode], margin)
         speed = fp32_ms / statistics.median(times[mode])
         print(
-            f"| {mode} | {result.kl:.4g} ({result.kl_images:.3g} / {result.kl_text:.3g}) | {result.kl_median:.2g} · {result.knife_edges} of {result.positions} "
+            f"| {mode} | {result.kl:.4g} ({result.kl_images:.3g} / {result.kl_text:.3g}) | {result.kl_captions:.3g} · {result.knife_edges_captions} "
+            f"| {result.kl_median:.2g} · {result.knife_edges} of {result.positions} "
             f"| {result.top1:.3f} ({result.clear_positions}/{result.positions} counted, margin {margin:g}) "
             f"| {result.captions_equal:.0%} / {result.captions_equal_clear:.0%} | {sizes[mode] / sizes['fp32']:.3f} | {speed:.2f}× |"
         )  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmexport.quantize.fidelity import KNIFE_EDGE, FidelitySet, compare
+from vlmexport.quantize.fidelity import KNIFE_EDGE, FidelitySet, compare, until_eos
 
 
 def test_compare_counts_knife_edge_positions_apart_from_the_median() -> None:
@@ -20,3 +20,20 @@ def test_compare_counts_knife_edge_positions_apart_from_the_median() -> None:
     assert calm.knife_edges == 0 and edged.knife_edges == 1
     assert edged.kl > 10 * calm.kl  # the mean follows the one position ...
     assert edged.kl_median < KNIFE_EDGE / 100 and abs(edged.kl_median - calm.kl_median) < 1e-3  # ... the median does not
+
+
+def test_caption_positions_end_at_fp32s_eos() -> None:
+    """A flip after fp32's EOS counts among all positions, not among the caption's."""
+    rng = np.random.default_rng(1)
+    reference = [rng.normal(0, 3, (6, 50)).astype(np.float32) for _ in range(2)]
+    eos = 9
+    ids = [np.array([[5, 6, eos, 7, 8, 1]]), np.array([[5, 6, 7, 8, 1, 2]])]  # the second never ends
+    fset = FidelitySet(prefixes=[], ids=ids, reference=reference, images=2, pixels=np.zeros((2, 3, 4, 4), np.float32), eos=eos)
+    got = [r.copy() for r in reference]
+    got[0][4] = np.roll(reference[0][4], 7) * 3  # after the EOS at position 2
+
+    result = compare(fset, got, margin=1.0)
+
+    assert fset.caption_lengths() == [3, 6]
+    assert until_eos([5, eos, 6, eos], eos) == [5, eos] and until_eos([5, 6], eos) == [5, 6]
+    assert result.knife_edges == 1 and result.knife_edges_captions == 0 and result.kl_captions < 1e-6

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from vlmexport.checkpoint.config import SUPPORTED_TEXT, SUPPORTED_VISION, parse_config
 from vlmexport.checkpoint.load import load_checkpoint
 from vlmexport.checkpoint.model import build_model
-from vlmexport.checkpoint.synth import PRESET_DIR, load_preset, preset_names
+from vlmexport.checkpoint.synth import PRESET_DIR, PROBE_KEY, load_preset, preset_names, preset_table
 from vlmexport.cli import main
 
 FULL_SIZE = "smollm-135m-siglip-base"
@@ -43,6 +43,23 @@ def test_every_preset_parses_and_builds(name):
         model = build_model(config, with_lora=True)
     assert model.has_lora and count(model) > 0
     assert config.lora_targets(), "LoRA targets resolve to a non-empty list"
+
+
+TRAINED = [name for name in preset_names() if "projection" in preset_table(name)]
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_every_trained_projection_fits_its_preset(name):
+    """A preset's shipped projection (checkpoint.train_projection) has exactly its projection's
+    tensors and a vision probe of the tower's width (synth loads it into a real model)."""
+    config = parse_config(load_preset(name), source=f"{name}.toml")
+    with torch.device("meta"):
+        model = build_model(config, with_lora=True)
+    with safe_open(str(PRESET_DIR / preset_table(name)["projection"]["weights"]), "pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        assert "settings" in (handle.metadata() or {}), "the file records how it was trained"
+    expected = {f"projection.{k}": tuple(v.shape) for k, v in model.projection.state_dict().items()}
+    assert shapes == {**expected, PROBE_KEY: (model.vision_encoder.config.hidden_size,)}
 
 
 def test_full_size_preset_has_siglip_base_and_smollm_135m_shapes():

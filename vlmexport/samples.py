@@ -81,6 +81,12 @@ def sample_images(count: int = 4, size: int = 224, seed: int = 0) -> list[Image.
 
 def random_texture(np_rng: np.random.Generator, size: int) -> Image.Image:
     """A gradient, blocky noise or stripes with random colours, direction and scale."""
+    return captioned_texture(np_rng, size)[0]
+
+
+def captioned_texture(np_rng: np.random.Generator, size: int) -> tuple[Image.Image, str]:
+    """`random_texture` and its caption ("red and blue stripes"), colours named by the nearest of
+    COLORS: what the real-weights preset's projection is trained on besides the shapes."""
     kind = int(np_rng.integers(3))
     low, high = np_rng.integers(0, 256, 3).astype(np.float32), np_rng.integers(0, 256, 3).astype(np.float32)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -96,4 +102,11 @@ def random_texture(np_rng: np.random.Generator, size: int) -> Image.Image:
         period = int(np_rng.integers(4, 33))
         t = ((np.arange(size)[:, None] * np_rng.integers(0, 2) + np.arange(size)[None, :]) // period % 2).astype(np.float32)
     pixels = low + (high - low) * t[..., None]
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    first, second = color_name(low), color_name(high)
+    pattern = ("a gradient", "noise", "stripes")[kind]
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), f"{pattern} of {first} and {second}"
+
+
+def color_name(rgb: np.ndarray) -> str:
+    """The name in COLORS nearest to `rgb`."""
+    return min(COLORS, key=lambda name: float(((np.array(COLORS[name], np.float32) - rgb) ** 2).sum()))

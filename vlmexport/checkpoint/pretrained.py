@@ -134,10 +134,11 @@ def real_cache_dir(preset: str = REAL_PRESET) -> Path:
     preset file's content (XDG_CACHE_HOME respected)."""
     import hashlib
 
-    from vlmexport.resources import configs_dir
+    from vlmexport.checkpoint.synth import preset_files  # synth imports this module
 
-    # Keyed by everything that decides the checkpoint's bytes: the preset, the code that builds it.
-    sources = [configs_dir() / "presets" / f"{preset}.toml", Path(__file__), Path(__file__).with_name("synth.py")]
+    # Keyed by everything that decides the checkpoint's bytes: the preset, its base, a trained
+    # projection (<preset>.projection.safetensors), the code that builds them.
+    sources = [*preset_files(preset), Path(__file__), Path(__file__).with_name("synth.py")]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "vlmexport" / "real" / f"{preset}-{digest}"
@@ -146,13 +147,11 @@ def real_cache_dir(preset: str = REAL_PRESET) -> Path:
 def cached_real_checkpoint(preset: str = REAL_PRESET) -> Path:
     """The preset's checkpoint, built on first use (its optional packages installed by name) and
     cached: what the tests and benchmarks measure fidelity on. The folder is shared: never modify it."""
-    import tomllib
-
-    from vlmexport.checkpoint.synth import PRESET_DIR, synth_checkpoint
+    from vlmexport.checkpoint.synth import preset_table, synth_checkpoint
 
     path = real_cache_dir(preset)
     if not (path / "config.json").is_file():  # synth writes atomically: a folder with config.json is whole
-        install(pretrained_source(tomllib.loads((PRESET_DIR / f"{preset}.toml").read_text())["pretrained"]))
+        install(pretrained_source(preset_table(preset)["pretrained"]))
         path.parent.mkdir(parents=True, exist_ok=True)
         synth_checkpoint(preset, path, force=True)
     return path

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
 
-from vlmexport.bundle.preprocess import derive_preprocessor
+from vlmexport.bundle.preprocess import Preprocessor, derive_preprocessor
 from vlmexport.checkpoint.config import MODEL_TYPE, VLMConfig, parse_config
 from vlmexport.checkpoint.model import (
     ATTN_IMPLEMENTATION,
@@ -44,15 +45,28 @@ def preset_names() -> list[str]:
 
 
 def preset_table(name: str) -> dict[str, Any]:
-    """The preset file as it is written.
+    """The preset file as it is written (with its base's tables when it `extends` one).
 
     Raises:
         UsageError: unknown preset name.
     """
+    table = tomllib.loads(preset_file(name).read_text())
+    # `extends = "other"`: the other preset's tables, with this file's tables replacing theirs.
+    base = table.pop("extends", None)
+    return {**preset_table(base), **table} if base else table
+
+
+def preset_file(name: str) -> Path:
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
         raise UsageError(f"unknown preset {name!r}", f"choose one of: {', '.join(preset_names())}")
-    return tomllib.loads(path.read_text())
+    return path
+
+
+def preset_files(name: str) -> list[Path]:
+    """Every file that decides a preset: its .toml and data files (<name>.*), its base's too."""
+    base = tomllib.loads(preset_file(name).read_text()).get("extends")
+    return sorted(PRESET_DIR.glob(f"{name}.*")) + (preset_files(base) if base else [])
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -95,9 +109,11 @@ def random_model(config: VLMConfig, seed: int = 0) -> PrefixConditioningVLM:
     return model
 
 
-def pretrained_model(config: VLMConfig, table: dict[str, Any], seed: int = 0) -> tuple[PrefixConditioningVLM, Any]:
+def pretrained_model(config: VLMConfig, table: dict[str, Any], seed: int = 0, load_trained: bool = True) -> tuple[PrefixConditioningVLM, Any]:
     """(model, tokenizer): the preset's pretrained decoder (see checkpoint.pretrained) under a
-    random vision tower, a projection scaled to the decoder's embeddings, and non-zero LoRA.
+    random vision tower, non-zero LoRA, and the preset's trained projection (`[projection]
+    weights`, see checkpoint.train_projection) — or, without one or with `load_trained` False, a
+    random projection scaled to the decoder's embeddings.
 
     Raises:
         UsageError: the optional packages are missing, or the file has another shape.
@@ -116,7 +132,57 @@ def pretrained_model(config: VLMConfig, table: dict[str, Any], seed: int = 0) ->
     model = PrefixConditioningVLM(config, vision, projection, with_adapters(lm, config)).eval()
     _scale_projection(model)
     randomise_lora(model, torch.Generator().manual_seed(seed), float(table.get("lora", {}).get("b_std", 0.02)))
+    trained = table.get("projection", {}).get("weights")
+    if trained and load_trained:
+        load_projection(model, derive_preprocessor(config.vision_config), PRESET_DIR / trained)
     return model, tokenizer
+
+
+def untrained_model(preset: str, seed: int = 0) -> tuple[PrefixConditioningVLM, Any, Preprocessor]:
+    """(model, tokenizer, preprocessor) of a pretrained preset as synth builds it, but with the
+    scaled random projection instead of the trained one: what train_projection starts from."""
+    table = preset_table(preset)
+    if "pretrained" not in table:
+        raise UsageError(f"preset {preset!r} has no pretrained decoder to train a projection for", f"choose one of: {', '.join(pretrained_presets())}")
+    model, tokenizer = pretrained_model(parse_config(load_preset(preset)), table, seed, load_trained=False)
+    return model, tokenizer, derive_preprocessor(model.config.vision_config)
+
+
+def pretrained_presets() -> list[str]:
+    return [name for name in preset_names() if "pretrained" in preset_table(name)]
+
+
+# A trained projection file (see checkpoint.train_projection) carries the vision tower's probe.
+PROBE_KEY = "vision_probe"
+RETRAIN = "python -m vlmexport.checkpoint.train_projection"
+
+
+@torch.no_grad()
+def vision_probe(model: PrefixConditioningVLM, preprocessor: Preprocessor) -> torch.Tensor:
+    """The vision tower's mean-pooled features of the first sample image [hidden]: stored beside a
+    trained projection, it tells whether a rebuilt tower is the one the projection was trained on.
+    A tolerance rather than a hash: the tower is rebuilt from a seed, and initialisation kernels
+    may differ in the last bits between CPU kinds; another initialisation differs entirely."""
+    pixels = torch.from_numpy(preprocessor(sample_images(1, preprocessor.height)))
+    return model.vision_features(pixels).mean((0, 1))
+
+
+def probe_matches(probe: torch.Tensor, stored: torch.Tensor, tolerance: float = 1e-2) -> bool:
+    return bool((probe - stored.float()).norm() <= tolerance * stored.float().norm())
+
+
+def load_projection(model: PrefixConditioningVLM, preprocessor: Preprocessor, path: Path) -> None:
+    """Load a trained projection into `model` (float32).
+
+    Raises:
+        UsageError: the file is missing, or it was trained on another vision tower.
+    """
+    if not path.is_file():
+        raise UsageError(f"the preset's trained projection {path.name} is missing", f"restore it from git, or retrain: {RETRAIN}")
+    tensors = load_file(str(path))
+    if not probe_matches(vision_probe(model, preprocessor), tensors.pop(PROBE_KEY)):
+        raise UsageError(f"{path.name} was trained on another vision tower than this build makes (torch or transformers initialise it differently)", f"retrain it: {RETRAIN}")
+    model.projection.load_state_dict({k.removeprefix("projection."): v.float() for k, v in tensors.items()})
 
 
 # The GGUF's quantization grids, as (levels above the block's minimum, whether the grid is symmetric):
