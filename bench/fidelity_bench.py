@@ -92,7 +92,8 @@ def main() -> int:
     print(f"\n{args.images} image prefixes × {args.tokens} tokens + {fset.ids[-1].shape[1]} text tokens; "
           f"30-token caption, median of {args.rounds}, fp32 {fp32_ms:.0f} ms")  # fmt: skip
     lengths = fset.caption_lengths()
-    print(f"fp32's captions end (EOS) within the forced tokens on {sum(n < args.tokens or fset.ids[i][0, -1] == fset.eos for i, n in enumerate(lengths))} of {args.images} images; {sum(lengths)} caption positions")
+    ended = sum(fset.eos in row[0].tolist() for row in fset.ids[: fset.images])
+    print(f"fp32's captions end (EOS) within the forced tokens on {ended} of {args.images} images; {sum(lengths)} caption positions")
     print("| variant | mean KL (images / text) | KL on caption positions · > 1 nat | median KL · positions > 1 nat | top-1, clear margin | captions = fp32 (exact / to first near-tie) | size vs fp32 | caption vs fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for mode in modes:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlmexport.quantize.fidelity import KNIFE_EDGE, FidelitySet, compare, until_eos
+from vlmexport.bundle.decoding import strip_after_eos
+from vlmexport.quantize.fidelity import KNIFE_EDGE, FidelitySet, compare
 
 
 def test_compare_counts_knife_edge_positions_apart_from_the_median() -> None:
@@ -35,5 +36,5 @@ def test_caption_positions_end_at_fp32s_eos() -> None:
     result = compare(fset, got, margin=1.0)
 
     assert fset.caption_lengths() == [3, 6]
-    assert until_eos([5, eos, 6, eos], eos) == [5, eos] and until_eos([5, 6], eos) == [5, 6]
+    assert strip_after_eos([5, eos, 6, eos], eos, keep_eos=True) == [5, eos] and strip_after_eos([5, 6], eos, keep_eos=True) == [5, 6]
     assert result.knife_edges == 1 and result.knife_edges_captions == 0 and result.kl_captions < 1e-6

@@ -106,11 +106,12 @@ def test_captioner_preset_captions_the_shapes() -> None:
     from vlmexport.checkpoint.train_projection import HELD_OUT_SEED, exact_captions
 
     checkpoint = load_checkpoint(cached_real_checkpoint("smollm2-135m-captioner"))
-    exact, pairs = exact_captions(checkpoint.model, checkpoint.tokenizer, checkpoint.preprocessor, 16, seed=HELD_OUT_SEED)
+    exact, pairs = exact_captions(checkpoint.model, checkpoint.tokenizer, checkpoint.preprocessor, 32, seed=HELD_OUT_SEED)
     in_form = sum(bool(re.fullmatch(r"a \w+ \w+ on a \w+ background", caption)) for caption, _ in pairs)
-    # Measured: 15 of 16 in the captions' form, 4 exact (colours and shapes are often wrong:
-    # the vision tower is random; the untrained projection gave 0 and 0).
-    assert in_form >= 12 and exact >= 3, pairs
+    # Measured on AVX512-VNNI: 30 of 32 in the captions' form, 11 exact (colours and shapes are
+    # often wrong: the vision tower is random; the untrained projection gave 0 and 0). The bounds
+    # leave room for another CPU kind's float32 kernels flipping a near-tied colour or shape.
+    assert in_form >= 24 and exact >= 6, pairs
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp16"])

@@ -59,9 +59,10 @@ class DecodeOptions:
         return self if self.max_new_tokens is not None else replace(self, max_new_tokens=int(max_length))
 
 
-def strip_after_eos(tokens: list[int], eos: int | None) -> list[int]:
-    """Tokens up to and excluding the first EOS (what follows it is padding)."""
-    return tokens[: tokens.index(eos)] if eos in tokens else list(tokens)
+def strip_after_eos(tokens: list[int], eos: int | None, keep_eos: bool = False) -> list[int]:
+    """Tokens up to and excluding the first EOS (what follows it is padding), or including it
+    with `keep_eos` (the positions a caption's generation computed)."""
+    return tokens[: tokens.index(eos) + int(keep_eos)] if eos in tokens else list(tokens)
 
 
 def options_from_flags(

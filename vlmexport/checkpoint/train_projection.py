@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from vlmexport.bundle.tokenizer import decode
 from vlmexport.checkpoint.generate import generate_tokens
 from vlmexport.checkpoint.model import PrefixConditioningVLM
 from vlmexport.checkpoint.synth import PRESET_DIR, PROBE_KEY, load_projection, untrained_model, vision_probe
+from vlmexport.errors import VlmExportError
 from vlmexport.samples import captioned_texture, random_shape
 
 # Held-out images for the caption count: another seed than the training images'.
@@ -270,4 +272,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except VlmExportError as error:  # one line and the error's exit code, as the CLI gives
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

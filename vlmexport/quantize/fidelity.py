@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmexport.bundle.decoding import strip_after_eos
 from vlmexport.bundle.preprocess import bundle_preprocessor
 from vlmexport.bundle.tokenizer import load_tokenizer
 from vlmexport.resources import configs_dir
@@ -45,12 +46,7 @@ class FidelitySet:
     def caption_lengths(self) -> list[int]:
         """Per image, how many of fp32's forced tokens are its caption: up to and including the
         first EOS (a caption generated with EOS stops there), or all of them."""
-        return [len(until_eos(row[0].tolist(), self.eos)) for row in self.ids[: self.images]]
-
-
-def until_eos(tokens: list[int], eos: int | None) -> list[int]:
-    """`tokens` up to and including the first EOS: the caption generation would stop at."""
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+        return [len(strip_after_eos(row[0].tolist(), self.eos, keep_eos=True)) for row in self.ids[: self.images]]
 
 
 @dataclass(frozen=True)
@@ -154,7 +150,7 @@ def end_to_end(fset: FidelitySet, variant: Bundle, margin: float) -> Fidelity:
     for i, length in enumerate(fset.caption_lengths()):
         # Captions as generation makes them: up to and including EOS (within the forced length).
         reference = fset.ids[i][0].tolist()[:length]
-        caption = until_eos(greedy(variant, prefixes[i], fset.ids[i].shape[1], None, pad)[0], fset.eos)
+        caption = strip_after_eos(greedy(variant, prefixes[i], fset.ids[i].shape[1], None, pad)[0], fset.eos, keep_eos=True)
         ties = np.flatnonzero(top2_margin(fset.reference[i][: len(reference)]) <= margin)
         clear_until = int(ties[0]) if ties.size else len(reference)
         equal.append(caption == reference)
