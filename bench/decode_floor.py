@@ -40,19 +40,22 @@ from vlmexport.runtime.bench import memory_bandwidth
 
 
 def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
-    """The decoder's weight matmuls alone (MatMul, MatMulInteger after a quantized activation, or
-    MatMulNBits), each fed an activation of its width."""
+    """A graph's weight matmuls alone (MatMul, MatMulInteger after a quantized activation, or
+    MatMulNBits), each fed an activation of its width and any number of rows."""
     graph = decoder.graph
     inits = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
 
     def constant(name: str) -> np.ndarray | None:
-        """A stored tensor, or the tied head's Transpose of one; None for an activation."""
+        """A stored tensor, the tied head's Transpose of one, or a kept node's float16 weights
+        cast back to float32 at load; None for an activation."""
         if name in inits:
             return numpy_helper.to_array(inits[name])
         node = producers.get(name)
-        source = constant(node.input[0]) if node is not None and node.op_type == "Transpose" else None
-        return None if source is None else source.T
+        source = constant(node.input[0]) if node is not None and node.op_type in ("Transpose", "Cast") else None
+        if source is None or node is None:
+            return None
+        return source.T if node.op_type == "Transpose" else source.astype(np.float32)
 
     nodes, initializers, outputs, widths = [], [], [], set()
     for index, node in enumerate(n for n in graph.node if n.op_type in ("MatMulInteger", "MatMul", "MatMulNBits")):
@@ -84,7 +87,7 @@ def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
         outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, None))
     if any(n.op_type == "MatMulInteger" for n in nodes):
         nodes = [helper.make_node("DynamicQuantizeLinear", [f"x{w}"], [f"x{w}q", f"x{w}s", f"x{w}z"]) for w in sorted(widths)] + nodes
-    inputs = [helper.make_tensor_value_info(f"x{w}", TensorProto.FLOAT, [1, w]) for w in sorted(widths)]
+    inputs = [helper.make_tensor_value_info(f"x{w}", TensorProto.FLOAT, ["rows", w]) for w in sorted(widths)]
     graph = helper.make_graph(nodes, "matmuls", inputs, outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
 

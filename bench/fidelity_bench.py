@@ -60,11 +60,10 @@ def main() -> int:
     from vlmexport.quantize.fidelity import end_to_end, fidelity_set
     from vlmexport.quantize.quantize import quantize_bundle
     from vlmexport.runtime.bundle import open_bundle
-    from vlmexport.validate.portable import host_cpu
+    from vlmexport.validate.portable import host_line
     from vlmexport.validate.profiles import profile_named
 
-    host = host_cpu()
-    print(f"CPU: {host['cpu']} ({host['machine']}; {', '.join(host['isa'])}); onnxruntime {host['onnxruntime']}")
+    print(host_line())
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vlmexport-fidelity-"))
     checkpoint = cached_real_checkpoint(args.preset)
     bundle_dir = workdir / "real-onnx"

@@ -120,3 +120,38 @@ def test_decode_floor_times_the_steps_own_weight_matmuls_and_attention(export_ti
     assert set(floor.medians_ms) == {"step", "matmuls", "attention", "matmuls + attention"}
     assert all(ms > 0 for ms in floor.medians_ms.values())
     assert floor.bound_ms == pytest.approx(floor.weight_mb / floor.bandwidth_gbs)
+
+
+def test_matmul_rows_times_every_variants_weight_matmuls_at_each_row_count(export_tiny, tmp_path, capsys) -> None:
+    # bench/matmul_rows.py: the evidence behind "on AVX2 int8 is slower than fp32" (README).
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    from vlmexport.quantize.quantize import quantize_bundle
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from decode_floor import weight_matmuls
+    from matmul_rows import main
+
+    bundle = tmp_path / "onnx"
+    shutil.copytree(export_tiny("compact"), bundle)
+    quantize_bundle(bundle, "int8", verify=False)
+    # Nodes the recipe keeps float (weights stored float16, cast at load) are timed too.
+    decoder = onnx.load(str(bundle / "decoder/model_int8.onnx"))
+    casts = {out for n in decoder.graph.node if n.op_type == "Cast" for out in n.output}
+    kept = sum(n.op_type == "MatMul" and n.input[1] in casts for n in decoder.graph.node)
+    alone = weight_matmuls(decoder)
+    assert kept > 0 and [n.op_type for n in alone.graph.node].count("MatMul") >= kept
+    sys.argv = ["matmul_rows.py", "--onnx-dir", str(bundle), "--variants", "fp32,int8", "--rows", "5,1", "--runs", "5", "--threads", "1"]
+    assert main() == 0
+    out = capsys.readouterr().out
+    assert out.startswith("CPU: ")
+    for component in ("vision_encoder", "decoder"):
+        for rows in ("5 rows", "1 row"):
+            assert f"{component}: " in out and rows in out
+    assert out.count("1.00 × fp32") == 4 and out.count("dynamic ") == 4
+    sys.argv = ["matmul_rows.py", "--onnx-dir", str(bundle), "--variants", "q4"]
+    assert main() == 2

@@ -195,3 +195,11 @@ def host_cpu() -> dict[str, object]:
         "isa": [f for f in wanted if f in flags],
         "onnxruntime": onnxruntime.__version__,
     }
+
+
+def host_line() -> str:
+    """`host_cpu()` in one line, for the benchmarks: every speed number names the CPU kind."""
+    host = host_cpu()
+    features = host["isa"]
+    isa = ", ".join(map(str, features)) if isinstance(features, list) and features else "no listed ISA features"
+    return f"CPU: {host['cpu']} ({host['machine']}; {isa}); onnxruntime {host['onnxruntime']}"
