@@ -79,6 +79,18 @@ def test_a_mean_bound_above_its_max_bound_is_rejected(tmp_path: Path) -> None:
         load_profile(path)
 
 
+def test_a_kl_goal_is_optional_checked_and_never_looser_than_the_bound(tmp_path: Path) -> None:
+    int8, fp32 = profile_named("int8"), profile_named("fp32")
+    assert fp32.end_to_end.target_kl is None  # optional: most profiles' bound is their goal
+    assert int8.end_to_end.target_kl is not None and int8.end_to_end.target_kl < int8.end_to_end.teacher_forced_kl
+    text = (PROFILE_DIR / "int8.toml").read_text()
+    for value, problem in (("0.5", "target_kl = 0.5 exceeds teacher_forced_kl"), ('"low"', "target_kl = 'low' must be a number")):
+        path = tmp_path / "goal.toml"
+        path.write_text(re.sub(r"(?m)^target_kl = .*$", f"target_kl = {value}", text))
+        with pytest.raises(UsageError, match=re.escape(problem)):
+            load_profile(path)
+
+
 def test_a_profile_file_that_is_not_toml_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
     path = tmp_path / "broken.toml"
     path.write_text("description = 'x'\n[vision_encoder\n")

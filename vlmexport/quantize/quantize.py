@@ -95,8 +95,9 @@ TABLES = ("embed_tokens",)
 DECODERS = ("decoder", "prefix_init", "language_model", "decoder_model_merged")
 # SmoothQuant's α (BlockwiseRecipe.smooth_alpha, smooth.py) for 8-bit decoders: on the real-weights
 # model, 8-bit mean KL 0.0118 unsmoothed, 0.0092 at α 0.3, 0.0056 at 0.4, 0.0071 at 0.5, 0.0131 at 0.7.
-# `--keep-fp32 auto` aims the decoder at this share of the profile's KL bound: the rest is left
-# to the vision encoder's own quantization error, which the check adds on top.
+# `--keep-fp32 auto` aims the decoder at this share of the profile's KL goal (its target_kl, else
+# its bound): the rest is left to the vision encoder's own quantization error, which the check
+# adds on top.
 AUTO_KL_SHARE = 0.5
 
 
@@ -366,7 +367,7 @@ def _auto_keep(
     onnx_dir: Path, manifest: Manifest, mode: str, recipe: str, peaks: dict, excluded: dict[str, list[str]], step: Callable[[str], None]
 ) -> tuple[list[str], Any]:
     """The fewest decoder nodes to keep float32 so the decoder alone meets AUTO_KL_SHARE of the
-    profile's KL bound and its top-1 floor, ranked on the graph that runs the first pass (in the
+    profile's KL goal and its top-1 floor, ranked on the graph that runs the first pass (in the
     distilvit layout the same node names are kept in language_model too)."""
     from vlmexport.quantize import sensitivity
     from vlmexport.quantize.fidelity import fidelity_set
@@ -391,7 +392,8 @@ def _auto_keep(
     measurer = sensitivity.Measurer(graph, template, component, fset, margin)
     ranking = sensitivity.rank(measurer, on_node=lambda j, n: step(f"--keep-fp32 auto: node {j + 1}/{n} alone"))
     step("--keep-fp32 auto: fewest nodes kept")
-    target = profile.end_to_end.teacher_forced_kl * AUTO_KL_SHARE
+    bounds = profile.end_to_end
+    target = (bounds.target_kl if bounds.target_kl is not None else bounds.teacher_forced_kl) * AUTO_KL_SHARE
     choice = sensitivity.keep_fewest(measurer, ranking, target, profile.end_to_end.teacher_forced_top1)
     return choice.kept, choice
 

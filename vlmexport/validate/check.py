@@ -165,6 +165,7 @@ def check_bundle(
     notes = [f"end-to-end captions: {max_new} new tokens at most, greedy", TOP1_NOTE]
     if model_dir is not None:
         notes.append(MERGE_NOTE if reference.merge_check else "merged vs LoRA: not measured, the checkpoint has no LoRA adapters")
+    notes += _target_note(e2e, profile, len(names))
     texts = zip(decode(tokenizer, ref_tokens), decode(tokenizer, captions))
     report = CheckReport(
         bundle=onnx_dir,
@@ -397,6 +398,20 @@ def _end_to_end(
     if reference.merge_check:
         out += merge_measurements(ref_logits, np.concatenate(merged), merge_bounds(profile))
     return captions, out, exact
+
+
+def _target_note(measurements: list[Measurement], profile: Profile, images: int) -> list[str]:
+    """Whether the mean KL meets the profile's fidelity goal (`target_kl`): said, not judged (see
+    validate.profiles.EndToEndBounds)."""
+    goal = profile.end_to_end.target_kl
+    kl = next((m.value for m in measurements if m.output == "teacher-forced" and m.metric == "kl"), None)
+    if goal is None or kl is None:
+        return []
+    verdict = "meets" if kl <= goal else "misses"
+    return [
+        f"fidelity goal: the teacher-forced mean KL {kl:.3g} {verdict} the profile's target_kl {goal:g} (reported, not judged: "
+        f"a mean over {images} images moves with the CPU's float kernels; bench/fidelity_bench.py measures it on 96)"
+    ]
 
 
 def _clear_caption_match(ref_logits: np.ndarray, ref_tokens: list[list[int]], captions: list[list[int]], margin: float) -> float:

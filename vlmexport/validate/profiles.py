@@ -9,7 +9,8 @@ collected and reported in one error, so a user fixing a profile sees everything 
 
 Sections: [vision_encoder], [projection], [present] (rel_max, rel_mean, cosine); [logits] (the
 same, top1, top1_margin); [end_to_end] (caption_match, teacher_forced_top1 — clear-margin with
-[logits] top1_margin — teacher_forced_kl); and, optional, [merge] (rel_max, rel_mean,
+[logits] top1_margin — teacher_forced_kl, and optional target_kl: a fidelity goal reported beside
+the verdict, never failed on); and, optional, [merge] (rel_max, rel_mean,
 teacher_forced_kl, top1, top1_margin): the merged decoder against the LoRA model, which
 `merge`, `export` and `check` verify with fp32.toml's unless a profile has its own.
 """
@@ -39,7 +40,10 @@ RANGES: dict[str, tuple[float, float]] = {
     "caption_match": (0.0, 1.0),
     "teacher_forced_top1": (0.0, 1.0),
     "teacher_forced_kl": (0.0, math.inf),
+    "target_kl": (0.0, math.inf),
 }
+# Keys a section may leave out (the dataclass gives their default).
+OPTIONAL_KEYS = frozenset({"target_kl"})
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,13 @@ class EndToEndBounds:
     # the profile's logits.top1_margin, at least.
     teacher_forced_top1: float
     teacher_forced_kl: float  # mean KL(reference ‖ candidate) per position, in nats, at most
+    # The variant's fidelity goal for that mean (issue #12's target), where it differs from the
+    # parity bound above: `check` reports whether it is met but does not fail on it, and
+    # `--keep-fp32 auto` aims at it. Why not a bound: over check's few images the mean is carried
+    # by a few positions near a tie, and which of them tip moves with the CPU's float kernels
+    # (int8 on the real-weights model: 0.0084 on AVX512-VNNI, 0.00995 on AVX2), so a bound at the
+    # goal would give one bundle different verdicts on different machines.
+    target_kl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +167,7 @@ def _section(table: Any, name: str, cls: type, problems: list[str]) -> Any:
         problems.append(f"[{name}] is missing" if table is None else f"[{name}] must be a table")
         return None
     allowed = [f.name for f in fields(cls) if cls is not TensorBounds or name == "logits" or f.name not in LOGITS_ONLY]
-    problems += [f"[{name}] {key} is missing" for key in allowed if key not in table]
+    problems += [f"[{name}] {key} is missing" for key in allowed if key not in table and key not in OPTIONAL_KEYS]
     problems += [f"[{name}] unknown key {key!r} (known: {', '.join(allowed)})" for key in table if key not in allowed]
     values: dict[str, float] = {}
     for key in allowed:
@@ -172,7 +183,9 @@ def _section(table: Any, name: str, cls: type, problems: list[str]) -> Any:
             values[key] = float(value)
     if "rel_max" in values and "rel_mean" in values and values["rel_mean"] > values["rel_max"]:
         problems.append(f"[{name}] rel_mean = {values['rel_mean']} exceeds rel_max = {values['rel_max']} (a mean cannot pass where its max fails)")
-    return cls(**values) if len(values) == len(allowed) else None
+    if values.get("target_kl", 0.0) > values.get("teacher_forced_kl", math.inf):
+        problems.append(f"[{name}] target_kl = {values['target_kl']} exceeds teacher_forced_kl = {values['teacher_forced_kl']} (a goal looser than the bound says nothing)")
+    return cls(**values) if all(key in values for key in allowed if key in table or key not in OPTIONAL_KEYS) else None
 
 
 def merge_bounds(profile: Profile) -> MergeBounds:
