@@ -146,6 +146,11 @@ def test_proof_matches_what_avx2_kernels_compute_under_qemu_haswell(tmp_path):
         "full": np.full((2, 1), 255.0) * FULL.astype(np.float64).sum(0),
         "seven": np.full((2, 1), 255.0) * SEVEN_BIT.astype(np.float64).sum(0),
     }
+    isa = host_cpu()["isa"]
+    if "avx2" in isa and not {"avx512_vnni", "avx_vnni"} & set(isa):
+        # This host is the kind qemu models (seen on AMD EPYC): its own kernels saturate where
+        # the proof fails, and are exact where it passes.
+        assert not np.array_equal(np.array(here["full"]), exact["full"]) and np.array_equal(np.array(here["seven"]), exact["seven"])
     for name, model in graphs.items():
         proven = all(p.passed for p in prove_model(model, name))
         got, reference = np.array(haswell[name]), np.array(here[name])
