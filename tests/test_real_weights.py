@@ -76,6 +76,12 @@ def test_real_weights_check_passes(real_export, real_checkpoint: Path) -> None:
     assert forced.counted and forced.counted >= forced.positions // 2, "too few clear positions for top-1 to mean anything"
 
 
+def shift_positions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fault "positions off by one": every cached step is fed the position after its own."""
+    real_step = Bundle.step
+    monkeypatch.setattr(Bundle, "step", lambda self, ids, past, position_offset=None: real_step(self, ids, past, past[0].shape[2] + 1))
+
+
 @pytest.mark.parametrize("fault", ["one weight ×1.01", "another checkpoint's projection", "positions off by one"])
 def test_real_weights_check_fails_the_injected_faults(real_export, real_checkpoint: Path, tmp_path: Path, monkeypatch, fault: str) -> None:
     source, _ = real_export
@@ -87,8 +93,7 @@ def test_real_weights_check_fails_the_injected_faults(real_export, real_checkpoi
         foreign_projection(bundle_dir)
         culprits = {"projection"}
     else:
-        real_step = Bundle.step
-        monkeypatch.setattr(Bundle, "step", lambda self, ids, past, position_offset=None: real_step(self, ids, past, past[0].shape[2] + 1))
+        shift_positions(monkeypatch)
         culprits = {"decoder step 1"}
     report = check_bundle(bundle_dir, real_checkpoint, max_new_tokens=FAULT_TOKENS)
     failing = {m.component for m in report.failures}
@@ -132,7 +137,6 @@ def test_real_weights_variants_pass_their_profiles(real_export, real_checkpoint:
     goal = [note for note in report.check.notes if note.startswith("fidelity goal")]
     assert len(goal) == (mode == "int8") and (not goal or f"{kl.value:.3g}" in goal[0]), report.check.notes
     if mode == "int8":  # measured 0.19 (AMD EPYC, AVX2), against the bound 0.03
-        real_step = Bundle.step
-        monkeypatch.setattr(Bundle, "step", lambda self, ids, past, position_offset=None: real_step(self, ids, past, past[0].shape[2] + 1))
+        shift_positions(monkeypatch)
         faulty = check_bundle(bundle_dir, real_checkpoint, variant=mode, max_new_tokens=FAULT_TOKENS)
         assert not faulty.passed and any(m.component == "end_to_end" and m.metric == "kl" for m in faulty.failures), faulty.summary()
