@@ -68,8 +68,9 @@ RECIPES: dict[str, BlockwiseRecipe] = {
     # projection kept float 0.43 / 0.49 (0.196); + layers 0-1's attention (this recipe) 0.28 / 0.42
     # (0.198). The rest of the end-to-end KL is the 4-bit vision encoder's; 4 bits leave no room.
     # The decoder's 4-bit blocks with zero points (uint4 codes, one zero point a block) instead of
-    # symmetric: 32 image prefixes + text end to end 0.42 → 0.38 (median position 0.17 → 0.13,
-    # text 0.13 → 0.11) at 0.1996 × fp32 (AMD EPYC AVX2; smoothing α 0.25: 0.46, α 0.55: 0.39).
+    # symmetric, end to end (AMD EPYC AVX2): 96 image prefixes + text 0.45 → 0.39 (median position
+    # 0.19 → 0.16), 32 of them 0.42 → 0.38 (smoothing α 0.25: 0.46, α 0.55: 0.39), at 0.1996 × fp32;
+    # check's 4 images 0.45 → 0.52 (a dozen knife-edge positions decide 4 images' mean).
     "q4": BlockwiseRecipe(bits=4, symmetric=False, high_bits=("*down_proj*", "*lm_head*"), keep_fp32=KEEP_FLOAT_Q4, kept_storage="float16"),
 }
 # `--recipe hqq` (q4): the decoder by HQQ with the tied head at 8 bits, no outlier migration (it
