@@ -21,6 +21,7 @@ def test_compare_counts_knife_edge_positions_apart_from_the_median() -> None:
     assert calm.knife_edges == 0 and edged.knife_edges == 1
     assert edged.kl > 10 * calm.kl  # the mean follows the one position ...
     assert edged.kl_median < KNIFE_EDGE / 100 and abs(edged.kl_median - calm.kl_median) < 1e-3  # ... the median does not
+    assert abs(edged.kl_off_edges - calm.kl) < 1e-3  # ... nor the mean of the other positions
 
 
 def test_caption_positions_end_at_fp32s_eos() -> None:

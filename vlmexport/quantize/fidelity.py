@@ -64,6 +64,7 @@ class Fidelity:
     # handful of positions sit where any perturbation tips the decoder: 2-5 nats each).
     kl_median: float = 0.0
     knife_edges: int = 0
+    kl_off_edges: float = 0.0  # the mean over the other positions: what the knife edges leave
     # The image positions that are the caption (fp32's tokens up to its EOS; `caption_lengths`):
     # positions after EOS are forced text no caption contains. With the trained projection most
     # shapes captions end after 8 tokens, while texture images (outside its training) ramble on.
@@ -128,6 +129,7 @@ def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float) -> Fidel
         positions=len(reference),
         kl_median=float(np.median(every)),
         knife_edges=int((every > KNIFE_EDGE).sum()),
+        kl_off_edges=float(every[every <= KNIFE_EDGE].mean()) if (every <= KNIFE_EDGE).any() else 0.0,
         kl_captions=float(captions.mean()) if captions.size else 0.0,
         knife_edges_captions=int((captions > KNIFE_EDGE).sum()),
     )
