@@ -39,3 +39,18 @@ def test_caption_positions_end_at_fp32s_eos() -> None:
     assert fset.caption_lengths() == [3, 6]
     assert strip_after_eos([5, eos, 6, eos], eos, keep_eos=True) == [5, eos] and strip_after_eos([5, 6], eos, keep_eos=True) == [5, 6]
     assert result.knife_edges == 1 and result.knife_edges_captions == 0 and result.kl_captions < 1e-6
+
+
+def test_checks_goal_note_says_what_the_knife_edges_carry() -> None:
+    """`check` reports int8's target_kl with the positions over KNIFE_EDGE and the others' mean."""
+    from vlmexport.validate.check import _target_note
+    from vlmexport.validate.profiles import profile_named
+
+    kl = np.full(100, 0.004)
+    kl[[7, 42]] = 3.0  # two tipped positions: mean 0.0639, the others 0.004
+
+    (note,) = _target_note(kl, profile_named("int8"), images=4)
+
+    assert "mean KL 0.0639 misses the profile's target_kl 0.01" in note
+    assert "2 of 100 positions over 1 nat, the others' mean 0.004 " in note
+    assert _target_note(kl, profile_named("fp32"), images=4) == []  # no goal, no note

@@ -25,10 +25,9 @@ from vlmexport.resources import configs_dir
 from vlmexport.runtime.bundle import Bundle, open_bundle
 from vlmexport.runtime.generate import greedy
 from vlmexport.samples import sample_images
-from vlmexport.validate.metrics import clear_top1, kl_divergence, top2_margin
+from vlmexport.validate.metrics import KNIFE_EDGE, clear_top1, kl_divergence, knife_edges, top2_margin
 
 TEXT = configs_dir() / "fidelity" / "text.txt"
-KNIFE_EDGE = 1.0  # nats at one position: far above int8's typical 0.005, far below a flipped state's 2-5
 FirstPass = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (prefix [1, P, D], ids [1, T]) → logits [1, n, V]
 
 
@@ -120,6 +119,7 @@ def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float) -> Fidel
     every = np.concatenate(per_sequence)
     lengths = fset.caption_lengths()
     captions = np.concatenate([kl[:n] for kl, n in zip(per_sequence, lengths)]) if lengths else np.zeros(0)
+    edges, off_edges = knife_edges(every)
     return Fidelity(
         kl=float(every.mean()),
         kl_images=float(image_kl.mean()) if image_kl.size else 0.0,
@@ -128,8 +128,8 @@ def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float) -> Fidel
         clear_positions=agreement.counted,
         positions=len(reference),
         kl_median=float(np.median(every)),
-        knife_edges=int((every > KNIFE_EDGE).sum()),
-        kl_off_edges=float(every[every <= KNIFE_EDGE].mean()) if (every <= KNIFE_EDGE).any() else 0.0,
+        knife_edges=edges,
+        kl_off_edges=off_edges,
         kl_captions=float(captions.mean()) if captions.size else 0.0,
         knife_edges_captions=int((captions > KNIFE_EDGE).sum()),
     )
