@@ -37,11 +37,6 @@ def prose() -> list[str]:
     return paragraphs
 
 
-def logits_of(bundle):
-    """The bundle's first pass as fidelity.decoder_logits wants it: (prefix, ids) → logits."""
-    return lambda prefix, ids: bundle.first_pass(prefix, ids)[0]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--onnx-dir", type=Path, required=True, help="an exported bundle with its variants (e.g. bench/fidelity_bench.py's workdir/real-onnx)")
@@ -62,14 +57,14 @@ def main() -> int:
     rows = [np.array([ids[i : i + CHUNK]], np.int64) for i in range(0, len(ids) - CHUNK, step)][: args.chunks]
     fp32 = open_bundle(args.onnx_dir, "fp32")
     prefixes = [np.zeros((1, 0, int(fp32.manifest.model["embed_dim"])), np.float32)] * len(rows)
-    reference = decoder_logits(logits_of(fp32), prefixes, rows)
+    reference = decoder_logits(fp32, prefixes, rows)
     fset = FidelitySet(prefixes, rows, reference, images=0, pixels=np.zeros((0, 3, 1, 1), np.float32))
     print(f"{len(rows)} × {CHUNK} tokens of the Python documentation's prose, no image prefix")
     print("| variant | mean KL | median KL · positions > 1 nat · mean without them | top-1, clear margin |")
     print("|---|---|---|---|")
     for mode in [m for m in args.modes.split(",") if m in read_manifest(args.onnx_dir).variants]:
         margin = profile_named(mode).logits.top1_margin
-        result = compare(fset, decoder_logits(logits_of(open_bundle(args.onnx_dir, mode)), prefixes, rows), margin)
+        result = compare(fset, decoder_logits(open_bundle(args.onnx_dir, mode), prefixes, rows), margin)
         print(
             f"| {mode} | {result.kl:.4g} | {result.kl_median:.2g} · {result.knife_edges} of {result.positions} · {result.kl_off_edges:.3g} "
             f"| {result.top1:.3f} ({result.clear_positions} counted, margin {margin:g}) |"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from vlmexport.bundle.decoding import strip_after_eos
-from vlmexport.quantize.fidelity import KNIFE_EDGE, FidelitySet, compare
+from vlmexport.quantize.fidelity import FidelitySet, compare
+from vlmexport.validate.metrics import KNIFE_EDGE
 
 
 def test_compare_counts_knife_edge_positions_apart_from_the_median() -> None:

@@ -12,7 +12,6 @@ neither hides nor exaggerates the rest.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +24,9 @@ from vlmexport.resources import configs_dir
 from vlmexport.runtime.bundle import Bundle, open_bundle
 from vlmexport.runtime.generate import greedy
 from vlmexport.samples import sample_images
-from vlmexport.validate.metrics import KNIFE_EDGE, clear_top1, kl_divergence, knife_edges, top2_margin
+from vlmexport.validate.metrics import clear_top1, kl_divergence, knife_edges, top2_margin
 
 TEXT = configs_dir() / "fidelity" / "text.txt"
-FirstPass = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (prefix [1, P, D], ids [1, T]) → logits [1, n, V]
 
 
 @dataclass(frozen=True)
@@ -99,13 +97,14 @@ def fidelity_set(onnx_dir: Path, images: int = 16, tokens: int = 20, fp32: Bundl
     width = int(bundle.manifest.model["embed_dim"])
     prefixes.append(np.zeros((1, 0, width), np.float32))
     ids.append(text_ids(onnx_dir))
-    reference = decoder_logits(lambda p, i: bundle.first_pass(p, i)[0], prefixes, ids)
+    reference = decoder_logits(bundle, prefixes, ids)
     return FidelitySet(prefixes, ids, reference, images, pixels, bundle.manifest.model["eos_token_id"])
 
 
-def decoder_logits(first_pass: FirstPass, prefixes: list[np.ndarray], ids: list[np.ndarray]) -> list[np.ndarray]:
-    """Logits of every sequence, one first pass each (batch 1: dynamic int8 scales stay per sequence)."""
-    return [first_pass(prefix, row)[0] for prefix, row in zip(prefixes, ids)]
+def decoder_logits(bundle: Bundle, prefixes: list[np.ndarray], ids: list[np.ndarray]) -> list[np.ndarray]:
+    """The bundle's logits [n, V] along every sequence (prefix [1, P, D], ids [1, T]), one first
+    pass each (batch 1: dynamic int8 scales stay per sequence)."""
+    return [bundle.first_pass(prefix, row)[0][0] for prefix, row in zip(prefixes, ids)]
 
 
 def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float) -> Fidelity:
@@ -131,7 +130,7 @@ def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float) -> Fidel
         knife_edges=edges,
         kl_off_edges=off_edges,
         kl_captions=float(captions.mean()) if captions.size else 0.0,
-        knife_edges_captions=int((captions > KNIFE_EDGE).sum()),
+        knife_edges_captions=knife_edges(captions)[0],
     )
 
 
@@ -145,7 +144,7 @@ def end_to_end(fset: FidelitySet, variant: Bundle, margin: float) -> Fidelity:
     is another caption, not an error) — and identical in full when fp32 has no near-tie.
     """
     prefixes = [variant.prefix(fset.pixels[i : i + 1]) for i in range(fset.images)] + fset.prefixes[fset.images :]
-    logits = decoder_logits(lambda p, i: variant.first_pass(p, i)[0], prefixes, fset.ids)
+    logits = decoder_logits(variant, prefixes, fset.ids)
     result = compare(fset, logits, margin)
     pad = variant.manifest.model["pad_token_id"]
     equal, equal_clear = [], []

@@ -179,7 +179,7 @@ class Measurer:
 
     def measure(self, low: set[str]) -> Fidelity:
         self.switched.switch = np.array([name in low for name in self.graph.nodes], bool)
-        logits = decoder_logits(lambda p, i: self.bundle.first_pass(p, i)[0], self.fset.prefixes, self.fset.ids)
+        logits = decoder_logits(self.bundle, self.fset.prefixes, self.fset.ids)
         return compare(self.fset, logits, self.margin)
 
 
