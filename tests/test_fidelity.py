@@ -1,11 +1,18 @@
-"""fidelity.compare tells a systematic error from a few knife-edge positions."""
+"""fidelity.compare tells a systematic error from a few knife-edge positions; end_to_end judges a
+whole variant, caption by caption."""
+# ruff: noqa: F811 — `export_tiny` is test_export's session fixture, imported to share its bundles
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+from test_export import export_tiny  # noqa: F401
 
 from vlmexport.bundle.decoding import strip_after_eos
-from vlmexport.quantize.fidelity import FidelitySet, compare
+from vlmexport.quantize.fidelity import FidelitySet, compare, end_to_end, fidelity_set
+from vlmexport.quantize.quantize import quantize_bundle
+from vlmexport.runtime.bundle import open_bundle
 from vlmexport.validate.metrics import KNIFE_EDGE
 
 
@@ -55,3 +62,17 @@ def test_checks_goal_note_says_what_the_knife_edges_carry() -> None:
     assert "mean KL 0.0639 misses the profile's target_kl 0.01" in note
     assert "2 of 100 positions over 1 nat, the others' mean 0.004 " in note
     assert _target_note(kl, profile_named("fp32"), images=4) == []  # no goal, no note
+
+
+def test_end_to_end_keeps_each_images_caption_verdict(export_tiny, tmp_path) -> None:
+    """bench/fidelity_bench.py splits the caption rate into shapes (even) and textures (odd)."""
+    bundle = tmp_path / "onnx"
+    shutil.copytree(export_tiny("compact"), bundle)
+    quantize_bundle(bundle, "q4", verify=False)
+    fset = fidelity_set(bundle, images=4, tokens=6)
+
+    same = end_to_end(fset, open_bundle(bundle, "fp32"), margin=1.0)
+    q4 = end_to_end(fset, open_bundle(bundle, "q4"), margin=1.0)
+
+    assert same.caption_matches == (True,) * 4 and same.captions_equal == 1.0 and same.kl == 0.0
+    assert len(q4.caption_matches) == 4 and q4.captions_equal == np.mean(q4.caption_matches) and q4.kl > 0.0

@@ -69,6 +69,10 @@ class Fidelity:
     knife_edges_captions: int = 0
     captions_equal: float | None = None  # free-running greedy captions identical to fp32's (end to end only)
     captions_equal_clear: float | None = None  # ... identical up to fp32's first near-tie
+    # Per image, in sample order, whether its caption is identical to fp32's: sample_images
+    # alternates shapes (even) and textures (odd), and a captioning model is judged on the
+    # images it was trained for (shapes) apart from the ones it rambles on.
+    caption_matches: tuple[bool, ...] = ()
 
     def meets(self, max_kl: float, min_top1: float) -> bool:
         return self.kl <= max_kl and self.top1 >= min_top1
@@ -156,4 +160,6 @@ def end_to_end(fset: FidelitySet, variant: Bundle, margin: float) -> Fidelity:
         clear_until = int(ties[0]) if ties.size else len(reference)
         equal.append(caption == reference)
         equal_clear.append(caption[:clear_until] == reference[:clear_until])
-    return dataclasses.replace(result, captions_equal=float(np.mean(equal)), captions_equal_clear=float(np.mean(equal_clear)))
+    return dataclasses.replace(
+        result, captions_equal=float(np.mean(equal)), captions_equal_clear=float(np.mean(equal_clear)), caption_matches=tuple(equal)
+    )
