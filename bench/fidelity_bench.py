@@ -103,8 +103,7 @@ def main() -> int:
         margin = profile_named(mode).logits.top1_margin
         result = end_to_end(fset, bundles[mode], margin)
         speed = fp32_ms / statistics.median(times[mode])
-        # sample_images alternates shapes (even) and textures (odd): the captioner preset was
-        # trained on shapes only, so its in-domain caption rate is the shapes'.
+        # Even = shapes, odd = textures (Fidelity.caption_matches).
         shapes, textures = result.caption_matches[0::2], result.caption_matches[1::2]
         print(
             f"| {mode} | {result.kl:.4g} ({result.kl_images:.3g} / {result.kl_text:.3g}) | {result.kl_captions:.3g} · {result.knife_edges_captions} "

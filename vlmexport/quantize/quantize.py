@@ -34,9 +34,9 @@ MODES = ("int8", "uint8", "fp16", "q4")
 # What each mode is inside, chosen by measurement on the real-weights model (vlmexport.quantize's
 # module docstring has the numbers). `recipe="dynamic"` keeps onnxruntime's quantize_dynamic
 # (MatMulInteger) for int8/uint8, for runtimes without MatMulNBits.
-# int8's remaining KL is its 8-bit weights and its int8 activations (accuracy level 4) about
-# equally: at accuracy level 1 (activations float32) the dithered checkpoint measured 0.0127
-# against 0.0178 (32 images + text; 0.0032 on the grid build, whose weights sat on 8-bit grids),
+# int8's remaining KL is mostly its 8-bit weights, the rest its int8 activations (accuracy level
+# 4): at accuracy level 1 (activations float32) the dithered checkpoint measured 0.0127 against
+# 0.0178 (32 images + text; 0.0032 on the grid build, whose weights sat on 8-bit grids),
 # and onnxruntime 1.32 then computes 8-bit MatMulNBits without a fast kernel, 9× slower than fp32.
 # The 8-bit variants keep float32 the nodes where int8 activations cost the real-weights model
 # most for the fewest bytes, their weights stored float16 (blockwise._store_half: half the bytes,
