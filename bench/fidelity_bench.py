@@ -12,6 +12,11 @@ equal to fp32's (exactly, and up to fp32's first near-tie), bytes vs fp32, and
 a 30-token caption's time vs fp32 (variants alternating in one process, median of rounds).
 It prints the CPU kind: integer kernels differ by ISA, so every speed number names it.
 
+`--sources` adds where each variant's KL comes from (vlmexport.quantize.fidelity.sources): its
+decoder on fp32's prefixes, fp32's decoder on its prefixes, and fp32's decoder on fp32's
+prefixes plus random noise of `--noise-scales` × the variant's prefix error — what any recipe
+whose prefixes are that far off would cost on this checkpoint.
+
 Targets (issue #12): int8 KL ≤ 0.01, top-1 ≥ 0.95, captions ≥ 90 %, size ≤ 0.30, caption ≥ 1.8×
 faster than fp32; fp16 KL ≤ 0.001; q4 KL ≤ 0.1, size ≤ 0.20.
 """
@@ -55,13 +60,15 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=20, help="teacher-forced tokens per image")
     parser.add_argument("--rounds", type=int, default=5, help="timed captions per variant, alternating")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--sources", action="store_true", help="also judge each variant's decoder and prefixes apart, and fp32 under prefix noise")
+    parser.add_argument("--noise-scales", default="1,0.5,0.25", help="with --sources: prefix noise as multiples of the variant's prefix error")
     parser.add_argument("--preset", default="smollm2-135m-real", help="a pretrained preset, e.g. smollm2-135m-captioner (trained projection)")
     args = parser.parse_args()
 
     from vlmexport.bundle.manifest import read_manifest
     from vlmexport.checkpoint.pretrained import cached_real_checkpoint
     from vlmexport.exporter.export import export_bundle
-    from vlmexport.quantize.fidelity import end_to_end, fidelity_set
+    from vlmexport.quantize.fidelity import end_to_end, fidelity_set, sources
     from vlmexport.quantize.quantize import quantize_bundle
     from vlmexport.runtime.bundle import open_bundle
     from vlmexport.validate.portable import host_line
@@ -112,6 +119,15 @@ def main() -> int:
             f"| {result.captions_equal:.0%} / {result.captions_equal_clear:.0%} | {rate(shapes)} · {rate(textures)} "
             f"| {sizes[mode] / sizes['fp32']:.3f} | {speed:.2f}× |"
         )  # fmt: skip
+    if args.sources:
+        scales = tuple(float(x) for x in args.noise_scales.split(",") if x)
+        print("\nwhere the KL comes from: mean KL · positions > 1 nat · captions exact (shapes · textures)")
+        print("| variant | prefix error (relative) | its decoder, fp32's prefixes | fp32's decoder, its prefixes | " + " | ".join(f"fp32, prefix + noise {s:g}×" for s in scales) + " |")
+        print("|---|---|---|---|" + "---|" * len(scales))
+        for mode in modes:
+            found = sources(fset, fp32, bundles[mode], profile_named(mode).logits.top1_margin, scales)
+            cells = [found.decoder, found.prefix, *(found.noise[s] for s in scales)]
+            print(f"| {mode} | {found.prefix_error:.2g} | " + " | ".join(f"{c.kl:.3g} · {c.knife_edges} · {c.captions_equal:.0%} ({rate(c.caption_matches[0::2])} · {rate(c.caption_matches[1::2])})" for c in cells) + " |")
     print(f"\ntargets: {TARGETS}")
     return 0
 

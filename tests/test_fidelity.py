@@ -10,7 +10,15 @@ import numpy as np
 from test_export import export_tiny  # noqa: F401
 
 from vlmexport.bundle.decoding import strip_after_eos
-from vlmexport.quantize.fidelity import FidelitySet, compare, end_to_end, fidelity_set
+from vlmexport.quantize.fidelity import (
+    FidelitySet,
+    compare,
+    end_to_end,
+    fidelity_set,
+    noisy_prefixes,
+    prefix_error,
+    sources,
+)
 from vlmexport.quantize.quantize import quantize_bundle
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.validate.metrics import KNIFE_EDGE
@@ -65,7 +73,8 @@ def test_checks_goal_note_says_what_the_knife_edges_carry() -> None:
 
 
 def test_end_to_end_keeps_each_images_caption_verdict(export_tiny, tmp_path) -> None:
-    """bench/fidelity_bench.py splits the caption rate into shapes (even) and textures (odd)."""
+    """bench/fidelity_bench.py splits the caption rate into shapes (even) and textures (odd),
+    and (--sources) judges a variant's decoder and prefixes apart."""
     bundle = tmp_path / "onnx"
     shutil.copytree(export_tiny("compact"), bundle)
     quantize_bundle(bundle, "q4", verify=False)
@@ -76,3 +85,14 @@ def test_end_to_end_keeps_each_images_caption_verdict(export_tiny, tmp_path) -> 
 
     assert same.caption_matches == (True,) * 4 and same.captions_equal == 1.0 and same.kl == 0.0
     assert len(q4.caption_matches) == 4 and q4.captions_equal == np.mean(q4.caption_matches) and q4.kl > 0.0
+
+    # Where q4's error comes from: its decoder and its prefixes apart, and fp32 under noise.
+    fp32, variant = open_bundle(bundle, "fp32"), open_bundle(bundle, "q4")
+    found = sources(fset, fp32, variant, margin=1.0, scales=(1.0, 0.0))
+    itself = sources(fset, fp32, fp32, margin=1.0)
+
+    assert found.prefix_error > 0.0 and found.decoder.kl > 0.0 and found.prefix.kl > 0.0 and found.noise[1.0].kl > 0.0
+    assert found.noise[0.0].kl == 0.0 and found.noise[0.0].captions_equal == 1.0  # no noise, fp32 exactly
+    assert itself.prefix_error == 0.0 and itself.decoder.kl == itself.prefix.kl == itself.noise[1.0].kl == 0.0
+    assert abs(prefix_error(fset, noisy_prefixes(fset, 0.02)) - 0.02) < 1e-4  # the noise is the size asked for
+    assert all(a is b for a, b in zip(noisy_prefixes(fset, 0.02)[fset.images :], fset.prefixes[fset.images :]))  # text untouched

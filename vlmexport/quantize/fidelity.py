@@ -6,7 +6,9 @@ projection on sample images — followed by fp32's greedy tokens, and (b) real E
 (configs/fidelity/text.txt) with no prefix, and the variant's logits at every position are
 compared with fp32's: mean KL(fp32 ‖ variant) and top-1 agreement where fp32's top-2 margin
 is clear. Teacher forcing compares every position on the same inputs, so one early flip
-neither hides nor exaggerates the rest.
+neither hides nor exaggerates the rest. `sources` takes a variant apart: its decoder on fp32's
+prefixes, fp32's decoder on its prefixes, and fp32's on its own prefixes plus random noise of the
+variant's prefix error — what any recipe that far off would cost on the model at hand.
 """
 
 from __future__ import annotations
@@ -147,19 +149,73 @@ def end_to_end(fset: FidelitySet, variant: Bundle, margin: float) -> Fidelity:
     fp32's own choice by less than the variant's noise; what follows a different choice there
     is another caption, not an error) — and identical in full when fp32 has no near-tie.
     """
-    prefixes = [variant.prefix(fset.pixels[i : i + 1]) for i in range(fset.images)] + fset.prefixes[fset.images :]
-    logits = decoder_logits(variant, prefixes, fset.ids)
-    result = compare(fset, logits, margin)
-    pad = variant.manifest.model["pad_token_id"]
+    return judge(fset, variant, variant_prefixes(fset, variant), margin)
+
+
+def judge(fset: FidelitySet, runner: Bundle, prefixes: list[np.ndarray], margin: float) -> Fidelity:
+    """`runner`'s decoder on `prefixes` (one per sequence of `fset`) against fp32: teacher-forced
+    logits, and free-running greedy captions of the image prefixes (see `end_to_end`)."""
+    result = compare(fset, decoder_logits(runner, prefixes, fset.ids), margin)
+    pad = runner.manifest.model["pad_token_id"]
     equal, equal_clear = [], []
     for i, length in enumerate(fset.caption_lengths()):
         # Captions as generation makes them: up to and including EOS (within the forced length).
         reference = fset.ids[i][0].tolist()[:length]
-        caption = strip_after_eos(greedy(variant, prefixes[i], fset.ids[i].shape[1], None, pad)[0], fset.eos, keep_eos=True)
+        caption = strip_after_eos(greedy(runner, prefixes[i], fset.ids[i].shape[1], None, pad)[0], fset.eos, keep_eos=True)
         ties = np.flatnonzero(top2_margin(fset.reference[i][: len(reference)]) <= margin)
         clear_until = int(ties[0]) if ties.size else len(reference)
         equal.append(caption == reference)
         equal_clear.append(caption[:clear_until] == reference[:clear_until])
     return dataclasses.replace(
         result, captions_equal=float(np.mean(equal)), captions_equal_clear=float(np.mean(equal_clear)), caption_matches=tuple(equal)
+    )
+
+
+def variant_prefixes(fset: FidelitySet, variant: Bundle) -> list[np.ndarray]:
+    """The variant's own image prefixes of `fset`'s images, then `fset`'s text rows (no prefix)."""
+    return [variant.prefix(fset.pixels[i : i + 1]) for i in range(fset.images)] + fset.prefixes[fset.images :]
+
+
+def prefix_error(fset: FidelitySet, prefixes: list[np.ndarray]) -> float:
+    """Mean over the images of ‖prefix − fp32's prefix‖ / ‖fp32's prefix‖."""
+    pairs = zip(prefixes[: fset.images], fset.prefixes[: fset.images])
+    return float(np.mean([np.linalg.norm(got - ref) / np.linalg.norm(ref) for got, ref in pairs])) if fset.images else 0.0
+
+
+def noisy_prefixes(fset: FidelitySet, relative: float, seed: int = 0) -> list[np.ndarray]:
+    """fp32's image prefixes, each plus Gaussian noise of norm `relative` × its own norm (text rows unchanged)."""
+    rng = np.random.default_rng(seed)
+    noisy = []
+    for prefix in fset.prefixes[: fset.images]:
+        noise = rng.standard_normal(prefix.shape).astype(np.float32)
+        noisy.append(prefix + noise * np.float32(relative * np.linalg.norm(prefix) / np.linalg.norm(noise)))
+    return noisy + fset.prefixes[fset.images :]
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a variant's end-to-end error comes from (`sources`).
+
+    On the real-weights model a few image positions sit where any perturbation of the prefix
+    tips the decoder (knife edges): `noise` says what a prefix error of the variant's size costs
+    fp32 itself, whatever its direction — the part of the KL no decoder recipe can remove, and
+    no encoder recipe either unless it makes the prefix error smaller.
+    """
+
+    prefix_error: float  # the variant's prefix_error
+    decoder: Fidelity  # the variant's decoder on fp32's prefixes
+    prefix: Fidelity  # fp32's decoder on the variant's prefixes
+    noise: dict[float, Fidelity]  # scale → fp32's decoder on fp32's prefixes + Gaussian noise of scale × prefix_error
+
+
+def sources(fset: FidelitySet, fp32: Bundle, variant: Bundle, margin: float, scales: tuple[float, ...] = (1.0,)) -> Sources:
+    """The variant's decoder and its prefixes judged apart, and fp32 under random prefix noise
+    of `scales` × the variant's prefix error (each judged by `judge`, captions included)."""
+    own = variant_prefixes(fset, variant)
+    error = prefix_error(fset, own)
+    return Sources(
+        prefix_error=error,
+        decoder=judge(fset, variant, fset.prefixes, margin),
+        prefix=judge(fset, fp32, own, margin),
+        noise={scale: judge(fset, fp32, noisy_prefixes(fset, scale * error), margin) for scale in scales},
     )
