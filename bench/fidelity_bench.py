@@ -14,8 +14,8 @@ It prints the CPU kind: integer kernels differ by ISA, so every speed number nam
 
 `--sources` adds where each variant's KL comes from (vlmexport.quantize.fidelity.sources): its
 decoder on fp32's prefixes, fp32's decoder on its prefixes, and fp32's decoder on fp32's
-prefixes plus random noise of `--noise-scales` × the variant's prefix error — what any recipe
-whose prefixes are that far off would cost on this checkpoint.
+prefixes plus random noise of `--noise-scales` × the variant's prefix error (one draw, scaled):
+what a random error of that size costs fp32 itself on this checkpoint.
 
 Targets (issue #12): int8 KL ≤ 0.01, top-1 ≥ 0.95, captions ≥ 90 %, size ≤ 0.30, caption ≥ 1.8×
 faster than fp32; fp16 KL ≤ 0.001; q4 KL ≤ 0.1, size ≤ 0.20.
@@ -29,9 +29,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+if TYPE_CHECKING:
+    from vlmexport.quantize.fidelity import Fidelity
 
 TARGETS = {
     "int8": {"kl": 0.01, "top1": 0.95, "captions": 0.9, "size": 0.30, "speed": 1.8},
@@ -53,6 +57,23 @@ def rate(matches: tuple[bool, ...]) -> str:
     return f"{statistics.mean(matches):.0%}" if matches else "-"
 
 
+def by_kind(result: Fidelity) -> str:
+    """Exact-caption rates on shapes · textures: sample_images alternates them, even = shapes
+    (Fidelity.caption_matches)."""
+    return f"{rate(result.caption_matches[0::2])} · {rate(result.caption_matches[1::2])}"
+
+
+def scales(text: str) -> tuple[float, ...]:
+    """--noise-scales: distinct non-negative multiples, in the order given."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"give one or more non-negative numbers, not {text!r}")
+    return tuple(dict.fromkeys(values))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="int8,uint8,fp16,q4")
@@ -61,7 +82,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed captions per variant, alternating")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--sources", action="store_true", help="also judge each variant's decoder and prefixes apart, and fp32 under prefix noise")
-    parser.add_argument("--noise-scales", default="1,0.5,0.25", help="with --sources: prefix noise as multiples of the variant's prefix error")
+    parser.add_argument("--noise-scales", type=scales, default=(1.0, 0.5, 0.25), help="with --sources: prefix noise as multiples of the variant's prefix error")
     parser.add_argument("--preset", default="smollm2-135m-real", help="a pretrained preset, e.g. smollm2-135m-captioner (trained projection)")
     args = parser.parse_args()
 
@@ -110,24 +131,21 @@ def main() -> int:
         margin = profile_named(mode).logits.top1_margin
         result = end_to_end(fset, bundles[mode], margin)
         speed = fp32_ms / statistics.median(times[mode])
-        # Even = shapes, odd = textures (Fidelity.caption_matches).
-        shapes, textures = result.caption_matches[0::2], result.caption_matches[1::2]
         print(
             f"| {mode} | {result.kl:.4g} ({result.kl_images:.3g} / {result.kl_text:.3g}) | {result.kl_captions:.3g} · {result.knife_edges_captions} "
             f"| {result.kl_median:.2g} · {result.knife_edges} of {result.positions} · {result.kl_off_edges:.3g} "
             f"| {result.top1:.3f} ({result.clear_positions}/{result.positions} counted, margin {margin:g}) "
-            f"| {result.captions_equal:.0%} / {result.captions_equal_clear:.0%} | {rate(shapes)} · {rate(textures)} "
+            f"| {result.captions_equal:.0%} / {result.captions_equal_clear:.0%} | {by_kind(result)} "
             f"| {sizes[mode] / sizes['fp32']:.3f} | {speed:.2f}× |"
         )  # fmt: skip
     if args.sources:
-        scales = tuple(float(x) for x in args.noise_scales.split(",") if x)
         print("\nwhere the KL comes from: mean KL · positions > 1 nat · captions exact (shapes · textures)")
-        print("| variant | prefix error (relative) | its decoder, fp32's prefixes | fp32's decoder, its prefixes | " + " | ".join(f"fp32, prefix + noise {s:g}×" for s in scales) + " |")
-        print("|---|---|---|---|" + "---|" * len(scales))
+        print("| variant | prefix error (relative) | its decoder, fp32's prefixes | fp32's decoder, its prefixes | " + " | ".join(f"fp32, prefix + noise {s:g}×" for s in args.noise_scales) + " |")
+        print("|---|---|---|---|" + "---|" * len(args.noise_scales))
         for mode in modes:
-            found = sources(fset, fp32, bundles[mode], profile_named(mode).logits.top1_margin, scales)
-            cells = [found.decoder, found.prefix, *(found.noise[s] for s in scales)]
-            print(f"| {mode} | {found.prefix_error:.2g} | " + " | ".join(f"{c.kl:.3g} · {c.knife_edges} · {c.captions_equal:.0%} ({rate(c.caption_matches[0::2])} · {rate(c.caption_matches[1::2])})" for c in cells) + " |")
+            found = sources(fset, fp32, bundles[mode], profile_named(mode).logits.top1_margin, args.noise_scales)
+            cells = [found.decoder, found.prefix, *(found.noise[s] for s in args.noise_scales)]
+            print(f"| {mode} | {found.prefix_error:.2g} | " + " | ".join(f"{c.kl:.3g} · {c.knife_edges} · {c.captions_equal:.0%} ({by_kind(c)})" for c in cells) + " |")
     print(f"\ntargets: {TARGETS}")
     return 0
 

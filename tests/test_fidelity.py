@@ -92,7 +92,12 @@ def test_end_to_end_keeps_each_images_caption_verdict(export_tiny, tmp_path) -> 
     itself = sources(fset, fp32, fp32, margin=1.0)
 
     assert found.prefix_error > 0.0 and found.decoder.kl > 0.0 and found.prefix.kl > 0.0 and found.noise[1.0].kl > 0.0
+    assert found.decoder.kl_text == q4.kl_text > 0.0  # q4's decoder reads the text ...
+    assert found.prefix.kl_text == found.noise[1.0].kl_text == 0.0  # ... fp32's decoder, on unchanged text rows
     assert found.noise[0.0].kl == 0.0 and found.noise[0.0].captions_equal == 1.0  # no noise, fp32 exactly
     assert itself.prefix_error == 0.0 and itself.decoder.kl == itself.prefix.kl == itself.noise[1.0].kl == 0.0
-    assert abs(prefix_error(fset, noisy_prefixes(fset, 0.02)) - 0.02) < 1e-4  # the noise is the size asked for
-    assert all(a is b for a, b in zip(noisy_prefixes(fset, 0.02)[fset.images :], fset.prefixes[fset.images :]))  # text untouched
+    noisy = noisy_prefixes(fset, 0.02)
+    for got, ref in zip(noisy[: fset.images], fset.prefixes[: fset.images], strict=True):
+        assert abs(np.linalg.norm(got - ref) / np.linalg.norm(ref) - 0.02) < 1e-4  # each image's noise is the size asked for
+    assert abs(prefix_error(fset, noisy) - 0.02) < 1e-4
+    assert len(noisy) == len(fset.prefixes) and all(np.array_equal(a, b) for a, b in zip(noisy[fset.images :], fset.prefixes[fset.images :]))

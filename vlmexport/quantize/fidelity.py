@@ -14,6 +14,7 @@ variant's prefix error — what any recipe that far off would cost on the model 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +111,13 @@ def fidelity_set(onnx_dir: Path, images: int = 16, tokens: int = 20, fp32: Bundl
 def decoder_logits(bundle: Bundle, prefixes: list[np.ndarray], ids: list[np.ndarray]) -> list[np.ndarray]:
     """The bundle's logits [n, V] along every sequence (prefix [1, P, D], ids [1, T]), one first
     pass each (batch 1: dynamic int8 scales stay per sequence)."""
-    return [bundle.first_pass(prefix, row)[0][0] for prefix, row in zip(prefixes, ids)]
+    return [bundle.first_pass(prefix, row)[0][0] for prefix, row in zip(prefixes, ids, strict=True)]
 
 
 def compare(fset: FidelitySet, logits: list[np.ndarray], margin: float) -> Fidelity:
     """The variant's `logits` (one array per sequence of `fset`) against fp32's; `margin` (nats,
     a profile's logits.top1_margin) is where fp32's top-2 stop being a near-tie."""
-    per_sequence = [kl_divergence(ref, got) for ref, got in zip(fset.reference, logits)]
+    per_sequence = [kl_divergence(ref, got) for ref, got in zip(fset.reference, logits, strict=True)]
     reference, got = np.concatenate(fset.reference), np.concatenate(logits)
     agreement = clear_top1(reference, got, margin)
     image_kl = np.concatenate(per_sequence[: fset.images]) if fset.images else np.zeros(0)
@@ -178,12 +179,13 @@ def variant_prefixes(fset: FidelitySet, variant: Bundle) -> list[np.ndarray]:
 
 def prefix_error(fset: FidelitySet, prefixes: list[np.ndarray]) -> float:
     """Mean over the images of ‖prefix − fp32's prefix‖ / ‖fp32's prefix‖."""
-    pairs = zip(prefixes[: fset.images], fset.prefixes[: fset.images])
+    pairs = zip(prefixes[: fset.images], fset.prefixes[: fset.images], strict=True)
     return float(np.mean([np.linalg.norm(got - ref) / np.linalg.norm(ref) for got, ref in pairs])) if fset.images else 0.0
 
 
 def noisy_prefixes(fset: FidelitySet, relative: float, seed: int = 0) -> list[np.ndarray]:
-    """fp32's image prefixes, each plus Gaussian noise of norm `relative` × its own norm (text rows unchanged)."""
+    """fp32's image prefixes, each plus Gaussian noise of norm `relative` × its own norm (text rows
+    unchanged). One draw per `seed`: two sizes with the same seed are the same noise, scaled."""
     rng = np.random.default_rng(seed)
     noisy = []
     for prefix in fset.prefixes[: fset.images]:
@@ -196,16 +198,15 @@ def noisy_prefixes(fset: FidelitySet, relative: float, seed: int = 0) -> list[np
 class Sources:
     """Where a variant's end-to-end error comes from (`sources`).
 
-    On the real-weights model a few image positions sit where any perturbation of the prefix
-    tips the decoder (knife edges): `noise` says what a prefix error of the variant's size costs
-    fp32 itself, whatever its direction — the part of the KL no decoder recipe can remove, and
-    no encoder recipe either unless it makes the prefix error smaller.
+    On the real-weights model a few image positions sit where a small perturbation of the prefix
+    tips the decoder (knife edges): `noise` says what a random prefix error of the variant's size
+    (one draw) costs fp32 itself — a yardstick for the encoders' share, not a bound on it.
     """
 
     prefix_error: float  # the variant's prefix_error
     decoder: Fidelity  # the variant's decoder on fp32's prefixes
     prefix: Fidelity  # fp32's decoder on the variant's prefixes
-    noise: dict[float, Fidelity]  # scale → fp32's decoder on fp32's prefixes + Gaussian noise of scale × prefix_error
+    noise: Mapping[float, Fidelity]  # scale → fp32's decoder on fp32's prefixes + Gaussian noise of scale × prefix_error
 
 
 def sources(fset: FidelitySet, fp32: Bundle, variant: Bundle, margin: float, scales: tuple[float, ...] = (1.0,)) -> Sources:

@@ -92,8 +92,9 @@ HQQ_RECIPES: dict[str, BlockwiseRecipe] = {
 # EPYC, AVX512-VNNI; encoder time vs fp32's / end-to-end mean KL on 64 image prefixes + text, this
 # recipe 0.76× / 0.022): blocks of 128 0.62× / 0.036, of 256 0.59× / 0.042; the MLPs' fc1/fc2 as
 # MatMulInteger (per-channel 7-bit, per-tensor activations) 0.56× / 0.028 (caption 1.77× fp32's
-# speed against 1.54×); every MatMul 0.43× (32 prefixes: 0.043 against 0.016). Any larger
-# prefix error tips more knife edges, whichever nodes carry it (fidelity.sources).
+# speed against 1.54×, 9 captions each in one run); every MatMul 0.43× (32 prefixes: 0.043
+# against 0.016; a few knife-edge positions carry such means, so they depend on the image set).
+# Each larger prefix error tipped more knife edges (see fidelity.sources).
 # q4's encoders, with either recipe: RTN symmetric 4-bit — HQQ's per-block zero points and scales
 # cost the vision encoder 67 MB instead of 54 MB, which puts the variant over 0.20 × fp32 (0.203).
 ENCODER_RECIPES: dict[str, BlockwiseRecipe] = {
