@@ -8,7 +8,7 @@ compared with fp32's: mean KL(fp32 ‖ variant) and top-1 agreement where fp32's
 is clear. Teacher forcing compares every position on the same inputs, so one early flip
 neither hides nor exaggerates the rest. `sources` takes a variant apart: its decoder on fp32's
 prefixes, fp32's decoder on its prefixes, and fp32's on its own prefixes plus random noise of the
-variant's prefix error — what any recipe that far off would cost on the model at hand.
+variant's prefix error — what a random error that large costs fp32 itself (a yardstick, see `Sources`).
 """
 
 from __future__ import annotations
