@@ -28,7 +28,9 @@ for both reads. Excluding the head keeps the table float32, still stored once.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,7 +41,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from vlmexport.errors import BundleError
 from vlmexport.exporter.onnx_io import SHARED_SUFFIX
-from vlmexport.quantize import shared
+from vlmexport.quantize import gptq, shared
 from vlmexport.quantize.integer import quiet_root_logger
 
 
@@ -53,8 +55,10 @@ class BlockwiseRecipe:
     accuracy_level: int = 4  # int8 compute of the activations where the runtime has such kernels
     # fnmatch patterns of MatMul nodes given 8 bits in a 4-bit recipe (mixed precision).
     high_bits: tuple[str, ...] = field(default_factory=tuple)
-    # "rtn" rounds each block to its nearest codes; "hqq" (onnxruntime's HQQ config: zero points
-    # and scales optimised per block, half-quadratic, no calibration data; needs torch) for bits < 8.
+    # "rtn" rounds each block to its nearest codes; "gptq" rounds the MatMuls it is given Hessians
+    # for so their errors cancel on calibration inputs (gptq.py; same grid, same kernels), the
+    # rest as rtn; "hqq" (onnxruntime's HQQ config: zero points and scales optimised per block,
+    # half-quadratic, no calibration data; needs torch) for bits < 8.
     algorithm: str = "rtn"
     smooth_alpha: float | None = 0.4  # outlier migration in decoder graphs (smooth.py); None: none
     # fnmatch patterns of MatMul nodes the recipe itself keeps float32 (beside --exclude-nodes).
@@ -69,16 +73,24 @@ class BlockwiseRecipe:
         if self.algorithm == "hqq":
             return f"{self.bits}-bit HQQ (zero points), blocks of {self.block_size}, float compute; 8-bit: {', '.join(self.high_bits) or 'none'}{kept}"
         kind = "symmetric" if self.symmetric else "asymmetric (zero points)"
-        return f"{self.bits}-bit {kind}, blocks of {self.block_size}, accuracy_level {self.accuracy_level}{kept}"
+        rounding = ", rounded by GPTQ on calibration images" if self.algorithm == "gptq" else ""
+        high = f"; 8-bit: {', '.join(self.high_bits)}" if self.high_bits and self.bits < 8 else ""
+        return f"{self.bits}-bit {kind}, blocks of {self.block_size}, accuracy_level {self.accuracy_level}{rounding}{high}{kept}"
 
 
 def quantize_blockwise(
-    model: onnx.ModelProto, recipe: BlockwiseRecipe, exclude: list[str], high_nodes: list[str] | None = None
+    model: onnx.ModelProto,
+    recipe: BlockwiseRecipe,
+    exclude: list[str],
+    high_nodes: list[str] | None = None,
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """`model` with every constant-weight MatMul as MatMulNBits, the tied table shared.
 
     `exclude` are node names kept float32 (so are those matching the recipe's `keep_fp32`);
     `high_nodes` (plus the recipe's `high_bits` patterns) get 8 bits where the recipe has fewer.
+    `hessians` (activation name → Σ xᵀx of the MatMuls reading it, gptq.hessians) is what a
+    "gptq" recipe rounds against; without them every node is rounded to nearest.
     """
     kept = {n.name for n in model.graph.node if n.op_type == "MatMul" and any(fnmatch.fnmatchcase(n.name, p) for p in recipe.keep_fp32)}
     exclude = sorted(set(exclude) | kept)
@@ -90,15 +102,23 @@ def quantize_blockwise(
     high = sorted({n for n in matmuls if n in (high_nodes or []) or any(fnmatch.fnmatchcase(n, p) for p in recipe.high_bits)})
     if recipe.bits >= 8:
         high = []
+    rounded: list[str] = []
+    if recipe.algorithm == "gptq" and hessians:
+        # A tied head is rounded to nearest: GatherBlockQuantized reads its codes as the
+        # embeddings, whose error H (the head's inputs) says nothing about.
+        heads = {name for table in tables for name in table.matmul_nodes}
+        grids = {name: ((8, True) if name in high else (recipe.bits, recipe.symmetric)) for name in matmuls if name not in heads}
+        rounded = gptq.replace_matmuls(model, hessians, grids, recipe.block_size, recipe.accuracy_level)
     if high:
-        model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, recipe.accuracy_level), 8, exclude, include=high)
+        model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, recipe.accuracy_level), 8, exclude, include=[n for n in high if n not in rounded])
     model = _nbits(model, recipe, recipe.bits, exclude, include=None)
     shared_ok = [_gather_from_head(model, table) for table in tables]
     shared.store_shared_weights_once(model)  # an excluded head's float table: once again
     halved = _store_half(model, kept) if recipe.kept_storage == "float16" else []
+    described = recipe if rounded or recipe.algorithm != "gptq" else dataclasses.replace(recipe, algorithm="rtn")
     record = {
-        "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-        "weights": recipe.describe(),
+        "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer" + (f" (GPTQ's codes for {len(rounded)} nodes: vlmexport.quantize.gptq)" if rounded else ""),
+        "weights": described.describe(),
         "activations": "float32 in and out; int8 per block inside the kernel (accuracy_level 4)",
         "tied_table": _table_note(found, tables, shared_ok, recipe),
         "excluded_nodes": len(exclude),
@@ -119,19 +139,13 @@ def _store_half(model: onnx.ModelProto, nodes: set[str]) -> list[str]:
     (so does onnxruntime-web), so no run pays for it. Returns the nodes whose weights moved.
     """
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    weights = shared.private_weights(model)
     halved = []
     for node in list(graph.node):
-        if node.name not in nodes or node.op_type != "MatMul":
-            continue
-        name = node.input[1]
-        init = inits.get(name)
-        if init is None or init.data_type != onnx.TensorProto.FLOAT or readers[name] != 1:
+        init = weights.get(node.name)
+        if node.name not in nodes or init is None or init.data_type != onnx.TensorProto.FLOAT:
             continue  # not a constant of its own (a shared table stays as it is)
+        name = node.input[1]
         values = numpy_helper.to_array(init)
         if np.abs(values).max() >= np.finfo(np.float16).max / 2:
             continue  # float16 cannot hold it (no such weight measured; outlier migration scales weights up)

@@ -7,10 +7,12 @@ its sessions record what they are fed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from vlmexport.bundle.preprocess import bundle_preprocessor
 from vlmexport.runtime.bundle import open_bundle
@@ -19,6 +21,11 @@ from vlmexport.samples import sample_images
 
 IMAGES = 4
 STEPS = 6
+# GPTQ's calibration (calibration_feeds): images other than the ones `check` and the fidelity bench
+# judge (sample_images' seed 0), each captioned by fp32 for this many tokens.
+CALIBRATION_IMAGES = 32
+CALIBRATION_TOKENS = 20
+CALIBRATION_SEED = 1
 
 
 class _Recording:
@@ -46,3 +53,49 @@ def recorded_feeds(onnx_dir: Path, images: int = IMAGES, steps: int = STEPS) -> 
     # eos=None: decode every step, so the cached-step graph is measured as often as asked.
     greedy(bundle, bundle.prefix(pixels), steps, None, bundle.manifest.model["pad_token_id"])
     return feeds
+
+
+def calibration_feeds(
+    onnx_dir: Path, images: int = CALIBRATION_IMAGES, tokens: int = CALIBRATION_TOKENS, seed: int = CALIBRATION_SEED
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per fp32 component, its feeds when each of `images` sample images (drawn with `seed`) is
+    encoded, then teacher-forced in one first pass: its prefix, then fp32's greedy caption of it.
+
+    One pass per image holds every position's activations without a growing cache of past keys
+    and values (the caption's own greedy steps are not recorded). The graph of the cached steps
+    sees none of these feeds; it has the same weights and tensor names (decoder_graphs).
+
+    Raises:
+        BundleError: the fp32 bundle cannot be opened.
+    """
+    bundle = open_bundle(onnx_dir, "fp32")
+    preprocessor = bundle_preprocessor(onnx_dir)
+    pixels = preprocessor(sample_images(images, preprocessor.height, seed=seed))
+    pad = bundle.manifest.model["pad_token_id"]
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in bundle.sessions}
+    plain = dict(bundle.sessions)
+    recording = {name: _Recording(s, feeds[name]) for name, s in plain.items()}
+    for i in range(images):
+        bundle.sessions = recording
+        prefix = bundle.prefix(pixels[i : i + 1])
+        bundle.sessions = plain
+        ids = np.array(greedy(bundle, prefix, tokens, None, pad), np.int64)
+        bundle.sessions = recording
+        bundle.first_pass(prefix, ids)
+    return feeds
+
+
+def probe(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], names: list[str]) -> Iterator[list[np.ndarray]]:
+    """The values of the tensors `names` inside `model`, per feed: the graph run with them as
+    extra outputs (one run per feed, no copy of the weights kept beyond the session's)."""
+    from vlmexport.runtime.bundle import session
+
+    probed = onnx.ModelProto()
+    probed.CopyFrom(model)
+    present = {o.name for o in probed.graph.output}
+    probed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in present)
+    runner = session(probed.SerializeToString())
+    del probed
+    inputs = {i.name for i in runner.get_inputs()}
+    for feed in feeds:
+        yield runner.run(names, {k: v for k, v in feed.items() if k in inputs})

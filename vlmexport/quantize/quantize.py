@@ -15,19 +15,21 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from vlmexport.bundle.manifest import ALIASES, Manifest, decoder_graphs, read_manifest, variant_path, verify_files
 from vlmexport.errors import BundleError, UsageError
 from vlmexport.exporter.onnx_io import TWO_GB, signature
-from vlmexport.quantize import fp16, integer, smooth
+from vlmexport.quantize import fp16, gptq, integer, smooth
 from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise, quantize_embedding_table
+from vlmexport.quantize.feeds import CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_TOKENS, calibration_feeds
 from vlmexport.quantize.optimize import optimize_graph
 
 MODES = ("int8", "uint8", "fp16", "q4")
@@ -61,8 +63,8 @@ KEEP_FP32_8BIT = (
 )
 KEEP_FLOAT_Q4 = (*PREFIX_ENTRY, "/model/layers.0/mlp/*")
 RECIPES: dict[str, BlockwiseRecipe] = {
-    "int8": BlockwiseRecipe(bits=8, symmetric=True, keep_fp32=KEEP_FP32_8BIT, kept_storage="float16"),
-    "uint8": BlockwiseRecipe(bits=8, symmetric=False, keep_fp32=KEEP_FP32_8BIT, kept_storage="float16"),
+    "int8": BlockwiseRecipe(bits=8, symmetric=True, algorithm="gptq", keep_fp32=KEEP_FP32_8BIT, kept_storage="float16"),
+    "uint8": BlockwiseRecipe(bits=8, symmetric=False, algorithm="gptq", keep_fp32=KEEP_FP32_8BIT, kept_storage="float16"),
     # q4: decoder KL on the real-weights model (grid build): symmetric 4-bit 0.43, with down_proj
     # + head at 8 bits and outlier migration 0.21. On the dithered build, 32 image prefixes + text,
     # decoder alone / end to end: that recipe 0.45 / 0.50 (0.191 × fp32); + layer 0's MLP and the
@@ -72,7 +74,9 @@ RECIPES: dict[str, BlockwiseRecipe] = {
     # symmetric, end to end (AMD EPYC AVX2): 96 image prefixes + text 0.45 → 0.39 (median position
     # 0.19 → 0.16), 32 of them 0.42 → 0.38 (smoothing α 0.25: 0.46, α 0.55: 0.39), at 0.1996 × fp32;
     # check's 4 images 0.45 → 0.52 (a dozen knife-edge positions decide 4 images' mean).
-    "q4": BlockwiseRecipe(bits=4, symmetric=False, high_bits=("*down_proj*", "*lm_head*"), keep_fp32=KEEP_FLOAT_Q4, kept_storage="float16"),
+    "q4": BlockwiseRecipe(
+        bits=4, symmetric=False, high_bits=("*down_proj*", "*lm_head*"), algorithm="gptq", keep_fp32=KEEP_FLOAT_Q4, kept_storage="float16"
+    ),
 }
 # `--recipe hqq` (q4): the decoder by HQQ with the tied head at 8 bits, no outlier migration (it
 # moves error into the weights, which 4 bits cannot spare): decoder KL 0.045, end to end 0.106 on
@@ -213,8 +217,10 @@ def quantize_bundle(
     chosen = _recipe(mode, recipe)
     smoothed = [name for name in selected if chosen is not None and name in DECODERS and chosen.smooth_alpha is not None]
     peaks = _peaks(onnx_dir, manifest, smoothed, step) if smoothed else {}
+    calibrated = [n for n in selected if chosen is not None and n in DECODERS + ENCODERS and _component_recipe(mode, n, recipe).algorithm == "gptq"]
+    hessians = _hessians(onnx_dir, manifest, calibrated, step) if calibrated else {}
     if keep_fp32 == "auto":
-        kept, choice = _auto_keep(onnx_dir, manifest, mode, recipe, peaks, excluded, step)
+        kept, choice = _auto_keep(onnx_dir, manifest, mode, recipe, peaks, hessians, excluded, step)
         excluded = {name: sorted(set(excluded[name]) | set(kept if name in DECODERS else [])) for name in excluded}
         report.notes.append(_auto_note(choice))
         report.keep_fp32 = choice
@@ -226,11 +232,14 @@ def quantize_bundle(
             fp32_ops = _ops(model)
             model, fused = optimize_graph(model, name) if optimize else (model, False)
             ranges = [r for r in report.activation_ranges if r.component == name]
+            factors = smooth.smooth(model, peaks[name], _smooth_alpha(mode, recipe)) if name in peaks else {}
+            own = gptq.rescaled(hessians.get(name, {}), factors)
+            quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe, own)
+            if own:
+                settings["calibration"] = CALIBRATION_NOTE
+            del own
             if name in peaks:
-                count = smooth.smooth(model, peaks[name], _smooth_alpha(mode, recipe))
-            quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe)
-            if name in peaks:
-                settings["smoothing"] = f"SmoothQuant-style outlier migration, alpha {_smooth_alpha(mode, recipe)}, {count} activations (smooth.py)"
+                settings["smoothing"] = f"SmoothQuant-style outlier migration, alpha {_smooth_alpha(mode, recipe)}, {len(factors)} activations (smooth.py)"
             if fused:
                 settings["optimized"] = "onnxruntime.transformers fusions (see vlmexport.quantize.optimize)"
             elif optimize:
@@ -320,7 +329,14 @@ def _match_patterns(nodes: dict[str, list[str]], patterns: list[str]) -> dict[st
 
 
 def _quantize(
-    model: onnx.ModelProto, mode: str, component: str, per_channel: bool | None, exclude: list[str], ranges: list[fp16.ActivationRange], recipe: str
+    model: onnx.ModelProto,
+    mode: str,
+    component: str,
+    per_channel: bool | None,
+    exclude: list[str],
+    ranges: list[fp16.ActivationRange],
+    recipe: str,
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     if mode == "fp16":
         return fp16.convert_fp16(model, ranges, exclude)
@@ -328,8 +344,12 @@ def _quantize(
         return integer.quantize_integer(model, mode, component, per_channel, exclude)
     if component in TABLES:
         return quantize_embedding_table(model, _decoder_recipe(mode, recipe))
-    chosen = ENCODER_RECIPES.get(mode, RECIPES[mode]) if component in ENCODERS else _decoder_recipe(mode, recipe)
-    return quantize_blockwise(model, chosen, exclude)
+    return quantize_blockwise(model, _component_recipe(mode, component, recipe), exclude, hessians=hessians)
+
+
+def _component_recipe(mode: str, component: str, recipe: str) -> BlockwiseRecipe:
+    """The blockwise recipe of one component (the encoders have their own, ENCODER_RECIPES)."""
+    return ENCODER_RECIPES.get(mode, RECIPES[mode]) if component in ENCODERS else _decoder_recipe(mode, recipe)
 
 
 def _recipe(mode: str, recipe: str) -> BlockwiseRecipe | None:
@@ -377,8 +397,41 @@ def _peaks(onnx_dir: Path, manifest: Manifest, components: list[str], step: Call
     return peaks
 
 
+CALIBRATION_NOTE = (
+    f"GPTQ against {CALIBRATION_IMAGES} sample images (seed {CALIBRATION_SEED}, not the ones check judges), "
+    f"each encoded and teacher-forced with fp32's {CALIBRATION_TOKENS}-token greedy caption"
+)
+
+
+def _hessians(onnx_dir: Path, manifest: Manifest, components: list[str], step: Callable[[str], None]) -> dict[str, dict[str, np.ndarray]]:
+    """Per component, GPTQ's Hessian (Σ xᵀx) of every MatMul input of its fp32 graph, on
+    calibration images (feeds.calibration_feeds). A layout's graph of the cached steps is given
+    its first-pass graph's: the same weights and tensor names, rounded against the same inputs;
+    each graph's own outlier migration rescales them (gptq.rescaled)."""
+    step("GPTQ: calibration images (fp32)")
+    feeds = calibration_feeds(onnx_dir)
+    first = decoder_graphs(manifest.layout)[0]
+    graphs = {name: first if name in DECODERS else name for name in components}
+    measured: dict[str, dict[str, np.ndarray]] = {}
+    for graph in sorted(set(graphs.values())):
+        model = onnx.load(str(onnx_dir / manifest.variants["fp32"][graph]))
+        constants = {i.name for i in model.graph.initializer}
+        activations = sorted({n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants})
+        step(f"GPTQ: Hessians of {len(activations)} MatMul inputs of {graph}")
+        measured[graph] = gptq.hessians(model, feeds[graph], activations)
+        del model
+    return {name: measured[graph] for name, graph in graphs.items()}
+
+
 def _auto_keep(
-    onnx_dir: Path, manifest: Manifest, mode: str, recipe: str, peaks: dict, excluded: dict[str, list[str]], step: Callable[[str], None]
+    onnx_dir: Path,
+    manifest: Manifest,
+    mode: str,
+    recipe: str,
+    peaks: dict,
+    hessians: dict[str, dict[str, np.ndarray]],
+    excluded: dict[str, list[str]],
+    step: Callable[[str], None],
 ) -> tuple[list[str], Any]:
     """The fewest decoder nodes to keep float32 so the decoder alone meets AUTO_KL_SHARE of the
     profile's KL goal and its top-1 floor, ranked on the graph that runs the first pass (in the
@@ -396,11 +449,11 @@ def _auto_keep(
     step("--keep-fp32 auto: fidelity set (fp32)")
     fset = fidelity_set(onnx_dir)
     fp32 = onnx.load(str(onnx_dir / manifest.variants["fp32"][component]))
-    if component in peaks:
-        smooth.smooth(fp32, peaks[component], _smooth_alpha(mode, recipe))
+    factors = smooth.smooth(fp32, peaks[component], _smooth_alpha(mode, recipe)) if component in peaks else {}
     low = onnx.ModelProto()
     low.CopyFrom(fp32)
-    low, _ = _quantize(low, mode, component, None, excluded[component], [], recipe)  # never fp16 (refused above)
+    # never fp16 (refused above)
+    low, _ = _quantize(low, mode, component, None, excluded[component], [], recipe, gptq.rescaled(hessians.get(component, {}), factors))
     graph = sensitivity.switchable(fp32, low)
     template = open_bundle(onnx_dir, "fp32", components=("embed_tokens",))  # only where a layout has it
     measurer = sensitivity.Measurer(graph, template, component, fset, margin)

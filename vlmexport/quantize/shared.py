@@ -70,3 +70,15 @@ def reshare(model: onnx.ModelProto, tables: list[SharedTable], what: str) -> int
     if saved < expected:
         raise BundleError(f"{what}: the tied embedding table would be stored twice after quantization", "report this as a vlmexport bug")
     return saved
+
+
+def private_weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Node name → weight, for each MatMul whose weight (second input) is an initializer that no
+    other node reads (a shared table is not: rewriting it would change its other reader)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    return {n.name: inits[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits and readers[n.input[1]] == 1}

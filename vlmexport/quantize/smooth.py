@@ -95,12 +95,12 @@ def _up_columns(node, output, producers, inits, readers) -> tuple[str, tuple[int
     return matmul.input[1], (start, start + int(sizes[index]))
 
 
-def smooth(model: onnx.ModelProto, peaks: dict[str, np.ndarray], alpha: float = ALPHA) -> int:
+def smooth(model: onnx.ModelProto, peaks: dict[str, np.ndarray], alpha: float = ALPHA) -> dict[str, np.ndarray]:
     """Migrate the outliers of every smoothable activation with a measured per-channel peak
     (`peaks[activation]` = max |x| per input channel) into its MatMuls' weights, in place.
-    Returns how many activations were smoothed."""
+    Returns each smoothed activation's factors (its channel k is now x_k / factor[k])."""
     inits = {i.name: i for i in model.graph.initializer}
-    done = 0
+    done: dict[str, np.ndarray] = {}
     for item in smoothable(model):
         peak = peaks.get(item.activation)
         if peak is None:
@@ -118,7 +118,7 @@ def smooth(model: onnx.ModelProto, peaks: dict[str, np.ndarray], alpha: float = 
             start, stop = item.columns or (0, source.shape[-1])
             source[..., start:stop] = source[..., start:stop] / factor
         _replace(inits[item.scale_source], source)
-        done += 1
+        done[item.activation] = factor
     return done
 
 
@@ -127,20 +127,12 @@ def _replace(tensor: onnx.TensorProto, array: np.ndarray) -> None:
 
 
 def activation_peaks(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each tensor in `names`, over `feeds` (the graph run with
-    those tensors as extra outputs: one run per feed, no copy of the weights kept)."""
-    from vlmexport.runtime.bundle import session
+    """max |x| per last-axis channel of each tensor in `names`, over `feeds` (feeds.probe)."""
+    from vlmexport.quantize.feeds import probe
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in present)
-    runner = session(probe.SerializeToString())
-    inputs = {i.name for i in runner.get_inputs()}
     peaks: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        values = runner.run(names, {k: v for k, v in feed.items() if k in inputs})
-        for name, value in zip(names, values):
+    for values in probe(model, feeds, names):
+        for name, value in zip(names, values, strict=True):
             if value.size:
                 channel = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
                 peaks[name] = np.maximum(peaks[name], channel) if name in peaks else channel

@@ -1,0 +1,89 @@
+"""GPTQ's rounding (vlmexport.quantize.gptq): onnxruntime's grid and layout, and less output error."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+from vlmexport.quantize import gptq
+from vlmexport.quantize.integer import quiet_root_logger
+from vlmexport.runtime.bundle import session
+
+K, N, BLOCK = 96, 24, 32
+GRIDS = [(8, True), (8, False), (4, True), (4, False)]
+
+
+def _matmul(weight: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, N])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _inputs(rows: int, seed: int) -> np.ndarray:
+    """Correlated inputs with a few loud channels, like a decoder's: one distribution, `seed` draws."""
+    mix = np.random.default_rng(0).standard_normal((K, K)) * 0.3 + np.eye(K)
+    x = np.random.default_rng(seed).standard_normal((rows, K)) @ mix
+    x[:, :3] *= 8
+    return x.astype(np.float32)
+
+
+def _weight() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((K, N)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), GRIDS)
+def test_identity_hessian_is_onnxruntimes_own_rounding_byte_for_byte(bits: int, symmetric: bool) -> None:
+    weight = _weight()
+    ours = _matmul(weight)
+    assert gptq.replace_matmuls(ours, {"x": np.eye(K)}, {"mm": (bits, symmetric)}, BLOCK, 4) == ["mm"]
+    theirs = MatMulNBitsQuantizer(_matmul(weight), bits=bits, block_size=BLOCK, is_symmetric=symmetric, accuracy_level=4)
+    with quiet_root_logger():
+        theirs.process()
+    expected = {i.name: numpy_helper.to_array(i) for i in theirs.model.model.graph.initializer}
+    got = {i.name: numpy_helper.to_array(i) for i in ours.graph.initializer}
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        if value.dtype == np.uint8:
+            assert np.array_equal(got[name].reshape(value.shape), value), name
+        else:
+            np.testing.assert_allclose(got[name].reshape(value.shape), value, rtol=1e-6, err_msg=name)
+    node, reference = ours.graph.node[0], theirs.model.model.graph.node[0]
+    assert (node.op_type, node.name, list(node.input)) == (reference.op_type, reference.name, list(reference.input))
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), GRIDS)
+def test_gptq_cuts_the_output_error_on_unseen_inputs_and_runs_as_stored(bits: int, symmetric: bool) -> None:
+    weight, calibration, unseen = _weight(), _inputs(2000, 1), _inputs(500, 2)
+    hessian = calibration.T.astype(np.float64) @ calibration
+    nearest = gptq.round_weight(weight, np.eye(K), bits, symmetric, BLOCK)
+    rounded = gptq.round_weight(weight, hessian, bits, symmetric, BLOCK)
+    assert rounded.codes.max() < 2**bits and (rounded.zero_points is None) == symmetric
+
+    def error(r: gptq.Rounded) -> float:
+        return float(np.linalg.norm(unseen @ (r.values() - weight)) / np.linalg.norm(unseen @ weight))
+
+    assert error(rounded) < 0.7 * error(nearest)
+    # The graph computes with exactly those values (accuracy level 1: float activations).
+    model = _matmul(weight)
+    node, inits = gptq.matmul_nbits(model.graph.node[0], rounded, accuracy_level=1)
+    del model.graph.node[:], model.graph.initializer[:]
+    model.graph.node.append(node)
+    model.graph.initializer.extend(inits)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    got = session(model.SerializeToString()).run(None, {"x": unseen})[0]
+    np.testing.assert_allclose(got, unseen @ rounded.values(), rtol=1e-4, atol=1e-3)
+
+
+def test_rescaled_hessian_is_the_hessian_of_the_smoothed_input() -> None:
+    x = _inputs(300, 3).astype(np.float64)
+    factor = np.linspace(0.5, 4.0, K)
+    got = gptq.rescaled({"x": x.T @ x}, {"x": factor})["x"]
+    np.testing.assert_allclose(got, (x / factor).T @ (x / factor), rtol=1e-10)
