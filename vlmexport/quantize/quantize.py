@@ -399,7 +399,7 @@ def _peaks(onnx_dir: Path, manifest: Manifest, components: list[str], step: Call
 
 CALIBRATION_NOTE = (
     f"GPTQ against {CALIBRATION_IMAGES} sample images (seed {CALIBRATION_SEED}, not the ones check judges), "
-    f"each encoded and teacher-forced with fp32's {CALIBRATION_TOKENS}-token greedy caption"
+    f"each encoded and teacher-forced with fp32's {CALIBRATION_TOKENS}-token greedy caption, and configs/calibration/text.txt"
 )
 
 
