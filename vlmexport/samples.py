@@ -54,9 +54,10 @@ def random_shape(rng: random.Random, size: int = 64) -> tuple[Image.Image, str]:
     return draw_shape(color, shape, background, rng, size), shape_caption(color, shape, background)
 
 
-def sample_images(count: int = 4, size: int = 224, seed: int = 0) -> list[Image.Image]:
+def sample_images(count: int = 4, size: int = 224, seed: int = 0, fixed: bool = True) -> list[Image.Image]:
     """Varied, non-blank, pairwise distinct images: shapes alternating with textures — a gradient,
-    noise and stripes first, then textures of random kind, colours and scale."""
+    noise and stripes first (unless not `fixed`: the gradient and stripes are the same for every
+    seed), then textures of random kind, colours and scale."""
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 255, size, dtype=np.float32)
@@ -75,7 +76,7 @@ def sample_images(count: int = 4, size: int = 224, seed: int = 0) -> list[Image.
         else:
             # Beyond the first three textures, new ones: a fidelity mean over many images must
             # not count the same three pictures again and again (it did: 48 of 96 were copies).
-            images.append(textures[i // 2] if i // 2 < len(textures) else random_texture(np_rng, size))
+            images.append(textures[i // 2] if fixed and i // 2 < len(textures) else random_texture(np_rng, size))
     return images
 
 

@@ -9,7 +9,8 @@ correction that keeps ‖x·(Ŵ − W)‖ small on inputs like the calibration o
 exactly the one onnxruntime's MatMulNBits quantizer writes (MLAS' blockwise rule: blocks of
 `block_size` rows per column; symmetric: scale = the block's largest-magnitude value / −2^(b−1),
 codes offset by 2^(b−1); with zero points: the block's range with 0 in it over 2^b − 1 steps),
-and only the codes differ: the same kernels, bytes and portability proof.
+and only the codes differ: the same kernels, bytes and portability proof (with H = I the codes
+and scales are onnxruntime's own, tested).
 
 Measured on the captioner preset's int8 decoder (32 calibration images, other than the 32
 judged; decoder alone on fp32's prefixes): the output error ‖x·(Ŵ − W)‖² relative to
@@ -66,7 +67,10 @@ def hessians(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], act
     for values in probe(model, feeds, activations):
         for name, value in zip(activations, values, strict=True):
             rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            sums[name] = sums[name] + rows.T @ rows if name in sums else rows.T @ rows
+            if name in sums:
+                sums[name] += rows.T @ rows
+            else:
+                sums[name] = rows.T @ rows
     return sums
 
 
@@ -87,9 +91,10 @@ def round_weight(weight: np.ndarray, hessian: np.ndarray, bits: int, symmetric: 
     w = weight.astype(np.float64).copy()
     k, n = w.shape
     h = hessian.astype(np.float64).copy()
-    dead = np.diag(h) == 0  # a channel that never fired: nothing to compensate against
+    # A channel that never fired: nothing to compensate against; its row is rounded to nearest
+    # (the reference implementation zeroes it, which would lose it should it fire in use).
+    dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    w[dead] = 0.0
     h[np.diag_indices(k)] += DAMPING * np.mean(np.diag(h))
     # Upper Cholesky factor of H⁻¹: row j of it holds the updates after rounding row j (GPTQ §3).
     upper = np.linalg.cholesky(np.linalg.inv(h)).T
@@ -110,7 +115,7 @@ def round_weight(weight: np.ndarray, hessian: np.ndarray, bits: int, symmetric: 
                 scales[row // block_size] = scale
                 if zeros is not None:
                     zeros[row // block_size] = zero
-            code = np.clip(np.round(part[i] / scale) + zero, 0, top)
+            code = np.clip(np.round(part[i] / np.where(scale == 0, 1.0, scale)) + zero, 0, top)
             codes[row] = code
             error = (part[i] - (code - zero) * scale) / upper[row, row]
             part[i:] -= np.outer(upper[row, row : stop], error)
@@ -123,13 +128,10 @@ def _grid(block: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np
     """Per column of `block`, MLAS' scale and zero point (onnxruntime's MatMulNBits quantizer)."""
     if symmetric:
         peak = block[np.abs(block).argmax(axis=0), np.arange(block.shape[1])]
-        scale = peak / -(2 ** (bits - 1))
-        scale = np.where(scale == 0, 1.0, scale)
-        return scale, np.full(block.shape[1], 2 ** (bits - 1), np.float64)
+        return peak / -(2 ** (bits - 1)), np.full(block.shape[1], 2 ** (bits - 1), np.float64)
     low, high = np.minimum(block.min(axis=0), 0.0), np.maximum(block.max(axis=0), 0.0)
-    scale = (high - low) / (2**bits - 1)
-    scale = np.where(scale == 0, 1.0, scale)
-    zero = np.clip(np.round(-low / scale), 0, 2**bits - 1)
+    scale = (high - low) / (2**bits - 1)  # 0 for an all-zero block, as onnxruntime stores it
+    zero = np.clip(np.round(-low / np.where(scale == 0, 1.0, scale)), 0, 2**bits - 1)
     return scale, zero
 
 
@@ -175,6 +177,8 @@ def replace_matmuls(
         init = weights.get(node.name)
         if node.name not in grids or node.input[0] not in hessians or init is None or len(init.dims) != 2 or init.dims[0] % block_size:
             continue
+        if hessians[node.input[0]].shape != (init.dims[0], init.dims[0]):
+            continue  # a same-named tensor of another width (another graph's): not this node's inputs
         bits, symmetric = grids[node.name]
         rounded = round_weight(numpy_helper.to_array(init), hessians[node.input[0]], bits, symmetric, block_size)
         new, new_inits = matmul_nbits(node, rounded, accuracy_level)

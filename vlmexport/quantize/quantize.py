@@ -221,7 +221,9 @@ def quantize_bundle(
     chosen = _recipe(mode, recipe)
     smoothed = [name for name in selected if chosen is not None and name in DECODERS and chosen.smooth_alpha is not None]
     peaks = _peaks(onnx_dir, manifest, smoothed, step) if smoothed else {}
-    calibrated = [n for n in selected if chosen is not None and n in DECODERS + ENCODERS and _component_recipe(mode, n, recipe).algorithm == "gptq"]
+    # `--recipe hqq` keeps its round-to-nearest encoders (HQQ_RECIPES); dynamic and fp16 have no blocks.
+    blockwise = chosen is not None and recipe == "blockwise"
+    calibrated = [n for n in selected if blockwise and n in DECODERS + ENCODERS and _component_recipe(mode, n, recipe).algorithm == "gptq"]
     hessians = _hessians(onnx_dir, manifest, calibrated, step) if calibrated else {}
     if keep_fp32 == "auto":
         kept, choice = _auto_keep(onnx_dir, manifest, mode, recipe, peaks, hessians, excluded, step)
@@ -237,9 +239,9 @@ def quantize_bundle(
             model, fused = optimize_graph(model, name) if optimize else (model, False)
             ranges = [r for r in report.activation_ranges if r.component == name]
             factors = smooth.smooth(model, peaks[name], _smooth_alpha(mode, recipe)) if name in peaks else {}
-            own = gptq.rescaled(hessians.get(name, {}), factors)
+            own = gptq.rescaled(hessians.pop(name, {}), factors)  # one graph's Hessians in memory at a time, beside the shared ones
             quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe, own)
-            if own:
+            if "GPTQ" in settings.get("method", ""):
                 settings["calibration"] = CALIBRATION_NOTE
             del own
             if name in peaks:
@@ -258,6 +260,7 @@ def quantize_bundle(
             report.notes.append(f"--optimize: no fusion is measured faster for {', '.join(unfused)} (see vlmexport/quantize/optimize.py); left as exported")
         step("writing the manifest")
         _commit(onnx_dir, stage, manifest, mode, report.rows, aliases)
+    del hessians
     if verify:
         step(f"checking {mode} against fp32")
         from vlmexport.validate.check import check_bundle
@@ -402,8 +405,8 @@ def _peaks(onnx_dir: Path, manifest: Manifest, components: list[str], step: Call
 
 
 CALIBRATION_NOTE = (
-    f"GPTQ against {CALIBRATION_IMAGES} sample images (seed {CALIBRATION_SEED}, not the ones check judges), "
-    f"each encoded and teacher-forced with fp32's {CALIBRATION_TOKENS}-token greedy caption, and configs/calibration/text.txt"
+    f"GPTQ against {CALIBRATION_IMAGES} sample images (seed {CALIBRATION_SEED}, none of the ones check judges), "
+    f"each encoded and (decoders) teacher-forced with fp32's {CALIBRATION_TOKENS}-token greedy caption, and configs/calibration/text.txt"
 )
 
 
