@@ -20,6 +20,18 @@ def test_sample_images_are_distinct_non_blank_and_reproducible() -> None:
     assert [np.asarray(i).tobytes() for i in sample_images(8, 64)] == [np.asarray(i).tobytes() for i in images[:8]]
 
 
+def test_calibration_images_share_none_with_the_judged_ones() -> None:
+    """GPTQ calibrates on another seed without the fixed textures (feeds.calibration_feeds): with
+    them, every seed repeats the gradient and the stripes that check and the fidelity bench judge."""
+
+    def digests(images: list) -> set[str]:
+        return {hashlib.sha256(np.asarray(i).tobytes()).hexdigest() for i in images}
+
+    judged, calibration = digests(sample_images(96, 64)), digests(sample_images(32, 64, seed=1, fixed=False))
+    assert len(calibration) == 32 and not judged & calibration
+    assert judged & digests(sample_images(32, 64, seed=1))  # what fixed=False is for
+
+
 def test_dither_moves_gguf_grids_off_and_no_further_than_half_a_step() -> None:
     """Q4_1 blocks (d·q + m, q in 0..15) and Q8_0 blocks (d·q, |q| ≤ 127) each move off their grid
     by at most half a step; a block on no grid is left alone."""
