@@ -17,7 +17,7 @@ import onnx
 from vlmexport.bundle.preprocess import bundle_preprocessor
 from vlmexport.bundle.tokenizer import load_tokenizer
 from vlmexport.resources import configs_dir
-from vlmexport.runtime.bundle import open_bundle
+from vlmexport.runtime.bundle import open_bundle, session
 from vlmexport.runtime.generate import greedy
 from vlmexport.samples import sample_images
 
@@ -101,8 +101,6 @@ def calibration_feeds(
 def probe(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], names: list[str]) -> Iterator[list[np.ndarray]]:
     """The values of the tensors `names` inside `model`, per feed: the graph run with them as
     extra outputs (one run per feed, no copy of the weights kept beyond the session's)."""
-    from vlmexport.runtime.bundle import session
-
     probed = onnx.ModelProto()
     probed.CopyFrom(model)
     present = {o.name for o in probed.graph.output}
