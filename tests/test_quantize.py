@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from serving import require
 
 from vlmexport.bundle.manifest import MANIFEST_NAME, read_manifest, sha256_file, variant_path
+from vlmexport.bundle.preprocess import bundle_preprocessor
 from vlmexport.checkpoint.config import parse_config
 from vlmexport.checkpoint.save import save_checkpoint
 from vlmexport.checkpoint.synth import random_model
@@ -29,6 +30,7 @@ from vlmexport.quantize.quantize import MODES, RECIPES, quantize_bundle
 from vlmexport.quantize.webcheck import web_agreement, web_runtime_available
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.runtime.generate import greedy
+from vlmexport.samples import sample_images
 from vlmexport.validate.profiles import EndToEndBounds, TensorBounds, profile_named
 
 SHAPES = Path(__file__).resolve().parents[1] / "examples" / "shapes"
@@ -278,6 +280,8 @@ def test_dynamic_recipe_uint8_uses_unsigned_weights_and_int8_signed_seven_bit(bu
         (["--keep-fp32", "some"], "is not a choice"),
         (["--components", "prefix_init"], "unknown component"),
         (["--exclude-nodes", "nothing-is-called-this"], "matches no node"),
+        (["--mode", "fp16", "--calibration-images", "."], "which --mode fp16 --recipe blockwise does not use"),
+        (["--mode", "q4", "--recipe", "hqq", "--calibration-images", "."], "does not use"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_and_change_nothing(bundle, capsys, args: list[str], message: str) -> None:
@@ -287,6 +291,61 @@ def test_bad_arguments_exit_2_with_one_line_and_change_nothing(bundle, capsys, a
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert _hashes(onnx_dir) == before
+
+
+def test_calibration_folder_that_is_missing_empty_or_broken_exits_2_and_changes_nothing(bundle, tmp_path: Path, capsys) -> None:
+    onnx_dir = bundle()
+    before = _hashes(onnx_dir)
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no image here")
+    (broken / "deeper").mkdir(parents=True)
+    sample_images(1, 32)[0].save(broken / "good.png")
+    (broken / "deeper" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    for folder, message in [(tmp_path / "nowhere", "is not a folder"), (empty, "holds no image files"), (broken, "cut.png is not a readable image")]:
+        assert main(["quantize", "--onnx-dir", str(onnx_dir), "--calibration-images", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert _hashes(onnx_dir) == before
+
+
+def test_calibration_images_of_a_folder_are_what_gptq_rounds_against_and_are_recorded(bundle, tmp_path: Path) -> None:
+    """`--calibration-images DIR`: its images (recursively) replace the bundled samples, so the
+    codes differ from the default calibration's, and the manifest names the folder."""
+    default_dir = bundle("compact", 64)  # a width of whole blocks: GPTQ rounds every MatMul
+    default_dir = default_dir.rename(default_dir.with_name("default"))
+    own_dir = bundle("compact", 64)
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    for i, picture in enumerate(sample_images(5, 48, seed=7, fixed=False)):
+        picture.save(photos / ("more" if i % 2 else ".") / f"{i}.png")
+    quantize_bundle(default_dir, "int8", verify=False)
+    quantize_bundle(own_dir, "int8", verify=False, calibration=photos)
+    files = json.loads((own_dir / MANIFEST_NAME).read_text())["files"]
+    notes = {row["quantization"].get("calibration") for row in files.values() if row.get("variant") == "int8"} - {None}
+    assert notes == {"GPTQ against the 5 images in photos/ (--calibration-images), each encoded and (decoders) teacher-forced with fp32's 20-token greedy caption, and configs/calibration/text.txt"}
+
+    def weights(onnx_dir: Path) -> dict[str, bytes]:
+        model = onnx.load(str(onnx_dir / variant_path(read_manifest(onnx_dir).variants["fp32"]["decoder"], "int8")))
+        return {i.name: i.raw_data for i in model.graph.initializer if i.name.endswith("_Q8")}
+
+    ours, theirs = weights(own_dir), weights(default_dir)
+    assert ours.keys() == theirs.keys() and any(ours[k] != theirs[k] for k in ours)
+
+
+def test_a_large_calibration_folder_gives_at_most_its_cap_evenly_spaced(bundle, tmp_path: Path) -> None:
+    from vlmexport.quantize.feeds import CALIBRATION_MAX_IMAGES, calibration_images
+
+    onnx_dir = bundle()
+    pictures = sample_images(CALIBRATION_MAX_IMAGES + 2, 16, seed=3, fixed=False)
+    for i, picture in enumerate(pictures):
+        picture.save(tmp_path / f"{i:03d}.png")
+    chosen = calibration_images(onnx_dir, tmp_path)
+    assert chosen.pixels.shape[0] == CALIBRATION_MAX_IMAGES
+    assert chosen.source.startswith(f"{CALIBRATION_MAX_IMAGES} of the {CALIBRATION_MAX_IMAGES + 2} images")
+    # The first and the last are among them (evenly spaced over the sorted names).
+    preprocessor = bundle_preprocessor(onnx_dir)
+    np.testing.assert_array_equal(chosen.pixels[[0, -1]], preprocessor([pictures[0], pictures[-1]]))
 
 
 def test_missing_bundle_or_fp32_variant_exits_2(bundle, tmp_path: Path, capsys) -> None:
@@ -367,8 +426,6 @@ def test_every_variant_runs_in_onnxruntime_web_and_agrees_with_onnxruntime(tmp_p
     export_bundle(SHAPES / "model", onnx_dir, layout="compact")
     for mode in MODES:
         quantize_bundle(onnx_dir, mode, verify=False)
-    from vlmexport.bundle.preprocess import bundle_preprocessor
-    from vlmexport.samples import sample_images
 
     preprocessor = bundle_preprocessor(onnx_dir)
     pixels = preprocessor(sample_images(1, preprocessor.height))
@@ -406,9 +463,7 @@ def test_decoder_weights_are_rounded_by_gptq_and_err_less_than_round_to_nearest(
     distilvit layout the cached-step graph too, rounded against its first-pass graph's inputs —
     codes that differ from round-to-nearest's (but the tied head's), and teacher-forced logits
     closer to fp32's on images of calibration's kind that it did not see."""
-    from vlmexport.bundle.preprocess import bundle_preprocessor
     from vlmexport.quantize.fidelity import decoder_logits
-    from vlmexport.samples import sample_images
 
     gptq_dir = bundle(layout, 64)
     nearest_dir = gptq_dir.rename(gptq_dir.with_name(f"{gptq_dir.name}-rtn"))

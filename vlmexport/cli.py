@@ -391,6 +391,7 @@ def quantize(
     per_channel: Annotated[bool | None, typer.Option("--per-channel/--no-per-channel", help="--recipe dynamic: weight scales per output channel (default: measured choice per component)")] = None,
     exclude_nodes: Annotated[list[str] | None, typer.Option("--exclude-nodes", help="fnmatch pattern of node names kept in fp32 (repeatable)")] = None,
     keep_fp32: Annotated[str | None, typer.Option("--keep-fp32", help="auto: keep the fewest decoder nodes fp32 that meet the profile, by measured sensitivity")] = None,
+    calibration_images: Annotated[Path | None, typer.Option("--calibration-images", help="folder of images like the ones the model will caption (recursive, up to 128 used): GPTQ's calibration instead of the bundled samples")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace the variant if the bundle has it")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the parity check against fp32")] = False,
     optimize: Annotated[bool, typer.Option("--optimize", help="apply the measured-good onnxruntime.transformers fusions first")] = False,
@@ -408,6 +409,7 @@ def quantize(
         report = quantize_bundle(
             onnx_dir, mode, components or None, per_channel, exclude_nodes or None, force=force, verify=not no_verify,
             optimize=optimize, on_step=lambda message: bar.update(task, description=message), recipe=recipe, keep_fp32=keep_fp32,
+            calibration=calibration_images,
         )  # fmt: skip
     table = Table("file", "fp32 MB", f"{mode} MB", "ratio", title=f"{mode} variant → {report.bundle}")
     for row in report.rows:

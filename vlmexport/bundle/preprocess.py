@@ -252,6 +252,15 @@ def open_image(path: Path | str) -> Image.Image:
     return load_image(path, str(path))
 
 
+def image_names(folder: Path) -> list[str]:
+    """Image files under `folder` (recursively, hidden ones skipped), as sorted relative POSIX paths."""
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 def load_image(source: Path | bytes, what: str = "the bytes") -> Image.Image:
     """Decode an image file or its bytes as every runtime path does (CLI, Captioner, serve):
     only IMAGE_FORMATS, EXIF orientation applied, converted by `to_rgb`.

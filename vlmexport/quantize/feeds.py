@@ -8,14 +8,16 @@ its sessions record what they are fed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from vlmexport.bundle.preprocess import bundle_preprocessor
+from vlmexport.bundle.preprocess import IMAGE_SUFFIXES, bundle_preprocessor, image_names, open_image
 from vlmexport.bundle.tokenizer import load_tokenizer
+from vlmexport.errors import UsageError
 from vlmexport.resources import configs_dir
 from vlmexport.runtime.bundle import open_bundle, session
 from vlmexport.runtime.generate import greedy
@@ -33,6 +35,9 @@ CALIBRATION_TOKENS = 20
 CALIBRATION_SEED = 1
 CALIBRATION_TEXT = configs_dir() / "calibration" / "text.txt"
 CALIBRATION_ROW = 128
+# `quantize --calibration-images DIR`: at most this many of the folder's images, evenly spaced in
+# its sorted list (each costs an encoder pass, a greedy caption and a decoder pass).
+CALIBRATION_MAX_IMAGES = 128
 
 
 class _Recording:
@@ -62,10 +67,42 @@ def recorded_feeds(onnx_dir: Path, images: int = IMAGES, steps: int = STEPS) -> 
     return feeds
 
 
-def calibration_feeds(
-    onnx_dir: Path, images: int = CALIBRATION_IMAGES, tokens: int = CALIBRATION_TOKENS, seed: int = CALIBRATION_SEED
-) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Per fp32 component, its feeds when each of `images` sample images (drawn with `seed`) is
+@dataclass(frozen=True)
+class CalibrationImages:
+    """GPTQ's calibration images as the bundle's pixel values, and what they are (for the manifest)."""
+
+    pixels: np.ndarray
+    source: str
+
+
+def calibration_images(onnx_dir: Path, folder: Path | None = None) -> CalibrationImages:
+    """The bundled sample images (CALIBRATION_IMAGES of seed CALIBRATION_SEED), or up to
+    CALIBRATION_MAX_IMAGES image files of `folder` (recursive, evenly spaced in sorted order).
+
+    Raises:
+        UsageError: `folder` is not a folder or holds no image files.
+        ImageError: one of the chosen files is not a readable image.
+        BundleError: the bundle's preprocessor config cannot be read.
+    """
+    preprocessor = bundle_preprocessor(onnx_dir)
+    if folder is None:
+        # fixed=False: no gradient or stripes, which every seed shares with the images check judges.
+        pictures = sample_images(CALIBRATION_IMAGES, preprocessor.height, seed=CALIBRATION_SEED, fixed=False)
+        return CalibrationImages(preprocessor(pictures), f"{CALIBRATION_IMAGES} sample images (seed {CALIBRATION_SEED}, none of the ones check judges)")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"--calibration-images {folder} is not a folder", "pass a folder of images like the ones the model will caption")
+    names = image_names(folder)
+    if not names:
+        raise UsageError(f"--calibration-images {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})", "pass a folder with images in it")
+    picks = np.linspace(0, len(names) - 1, min(len(names), CALIBRATION_MAX_IMAGES)).round().astype(int)
+    pixels = preprocessor([open_image(folder / names[i]) for i in picks])
+    chosen = f"{len(picks)} of the {len(names)}" if len(picks) < len(names) else f"the {len(names)}"
+    return CalibrationImages(pixels, f"{chosen} images in {folder.name or folder}/ (--calibration-images)")
+
+
+def calibration_feeds(onnx_dir: Path, pixels: np.ndarray, tokens: int = CALIBRATION_TOKENS) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Per fp32 component, its feeds when each image of `pixels` (calibration_images) is
     encoded, then teacher-forced in one first pass: its prefix, then fp32's greedy caption of it;
     then the calibration text, a first pass per row with no prefix.
 
@@ -77,14 +114,11 @@ def calibration_feeds(
         BundleError: the fp32 bundle cannot be opened.
     """
     bundle = open_bundle(onnx_dir, "fp32")
-    preprocessor = bundle_preprocessor(onnx_dir)
-    # fixed=False: no gradient or stripes, which every seed shares with the images check judges.
-    pixels = preprocessor(sample_images(images, preprocessor.height, seed=seed, fixed=False))
     pad = bundle.manifest.model["pad_token_id"]
     feeds: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in bundle.sessions}
     plain = dict(bundle.sessions)
     recording = {name: _Recording(s, feeds[name]) for name, s in plain.items()}
-    for i in range(images):
+    for i in range(len(pixels)):
         bundle.sessions = recording
         prefix = bundle.prefix(pixels[i : i + 1])
         bundle.sessions = plain

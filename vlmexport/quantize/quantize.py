@@ -29,7 +29,7 @@ from vlmexport.errors import BundleError, UsageError
 from vlmexport.exporter.onnx_io import TWO_GB, signature
 from vlmexport.quantize import fp16, gptq, integer, smooth
 from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise, quantize_embedding_table
-from vlmexport.quantize.feeds import CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_TOKENS, calibration_feeds
+from vlmexport.quantize.feeds import CALIBRATION_TOKENS, calibration_feeds, calibration_images
 from vlmexport.quantize.optimize import optimize_graph
 
 MODES = ("int8", "uint8", "fp16", "q4")
@@ -184,6 +184,7 @@ def quantize_bundle(
     on_step: Callable[[str], None] | None = None,
     recipe: str = "blockwise",
     keep_fp32: str | None = None,
+    calibration: Path | None = None,
 ) -> QuantizeReport:
     """Write the `mode` variant of the bundle at `onnx_dir` and (unless `verify` is False) check it
     against the bundle's fp32 variant with the `mode` tolerance profile.
@@ -193,12 +194,16 @@ def quantize_bundle(
     (onnxruntime's quantize_dynamic, int8/uint8); `per_channel` overrides the dynamic recipe's
     per-component choice. `exclude_nodes` are fnmatch patterns of node names kept in float32;
     `keep_fp32="auto"` adds the fewest decoder nodes whose float32 form meets the profile, by a
-    measured sensitivity ranking (sensitivity.py). A failing check does not raise:
+    measured sensitivity ranking (sensitivity.py). `calibration` is a folder of images like the
+    ones the model will caption, GPTQ's calibration instead of the bundled sample images
+    (feeds.calibration_images). A failing check does not raise:
     `report.passed` is False and the manifest says so.
 
     Raises:
         UsageError: unknown mode or component, a flag that does not apply to the mode, a pattern
-            that matches no node, or the variant already present without `force`.
+            that matches no node, a calibration folder without images, or the variant already
+            present without `force`.
+        ImageError: a calibration image cannot be read (nothing is written).
         BundleError: no bundle or no fp32 variant at `onnx_dir`, fp32 files that do not match
             the manifest, a bundle folder that cannot be written, or a variant graph that ONNX
             Runtime cannot load (nothing is written in all these cases).
@@ -219,12 +224,15 @@ def quantize_bundle(
         step("measuring activation ranges (fp32)")
         report.activation_ranges = _ranges(onnx_dir, manifest, selected)
     chosen = _recipe(mode, recipe)
-    smoothed = [name for name in selected if chosen is not None and name in DECODERS and chosen.smooth_alpha is not None]
-    peaks = _peaks(onnx_dir, manifest, smoothed, step) if smoothed else {}
     # `--recipe hqq` keeps its round-to-nearest encoders (HQQ_RECIPES); dynamic and fp16 have no blocks.
     blockwise = chosen is not None and recipe == "blockwise"
     calibrated = [n for n in selected if blockwise and n in DECODERS + ENCODERS and _component_recipe(mode, n, recipe).algorithm == "gptq"]
-    hessians = _hessians(onnx_dir, manifest, calibrated, step) if calibrated else {}
+    if calibration is not None and not calibrated:
+        raise UsageError(f"--calibration-images calibrates GPTQ, which --mode {mode} --recipe {recipe} does not use", "drop the flag, or use --mode int8, uint8 or q4 with the blockwise recipe")
+    images = calibration_images(onnx_dir, calibration) if calibrated else None  # unreadable images fail here, before any work
+    smoothed = [name for name in selected if chosen is not None and name in DECODERS and chosen.smooth_alpha is not None]
+    peaks = _peaks(onnx_dir, manifest, smoothed, step) if smoothed else {}
+    hessians = _hessians(onnx_dir, manifest, calibrated, images.pixels, step) if images else {}
     if keep_fp32 == "auto":
         kept, choice = _auto_keep(onnx_dir, manifest, mode, recipe, peaks, hessians, excluded, step)
         excluded = {name: sorted(set(excluded[name]) | set(kept if name in DECODERS else [])) for name in excluded}
@@ -241,8 +249,8 @@ def quantize_bundle(
             factors = smooth.smooth(model, peaks[name], _smooth_alpha(mode, recipe)) if name in peaks else {}
             own = gptq.rescaled(hessians.pop(name, {}), factors)  # one graph's Hessians in memory at a time, beside the shared ones
             quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe, own)
-            if "GPTQ" in settings.get("method", ""):
-                settings["calibration"] = CALIBRATION_NOTE
+            if images and "GPTQ" in settings.get("method", ""):
+                settings["calibration"] = _calibration_note(images.source)
             del own
             if name in peaks:
                 settings["smoothing"] = f"SmoothQuant-style outlier migration, alpha {_smooth_alpha(mode, recipe)}, {len(factors)} activations (smooth.py)"
@@ -404,19 +412,22 @@ def _peaks(onnx_dir: Path, manifest: Manifest, components: list[str], step: Call
     return peaks
 
 
-CALIBRATION_NOTE = (
-    f"GPTQ against {CALIBRATION_IMAGES} sample images (seed {CALIBRATION_SEED}, none of the ones check judges), "
-    f"each encoded and (decoders) teacher-forced with fp32's {CALIBRATION_TOKENS}-token greedy caption, and configs/calibration/text.txt"
-)
+def _calibration_note(images: str) -> str:
+    return (
+        f"GPTQ against {images}, each encoded and (decoders) teacher-forced with fp32's "
+        f"{CALIBRATION_TOKENS}-token greedy caption, and configs/calibration/text.txt"
+    )
 
 
-def _hessians(onnx_dir: Path, manifest: Manifest, components: list[str], step: Callable[[str], None]) -> dict[str, dict[str, np.ndarray]]:
-    """Per component, GPTQ's Hessian (Σ xᵀx) of every MatMul input of its fp32 graph, on
-    calibration images (feeds.calibration_feeds). A layout's graph of the cached steps is given
+def _hessians(
+    onnx_dir: Path, manifest: Manifest, components: list[str], pixels: np.ndarray, step: Callable[[str], None]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per component, GPTQ's Hessian (Σ xᵀx) of every MatMul input of its fp32 graph, on the
+    calibration images `pixels` (feeds.calibration_feeds). A layout's graph of the cached steps is given
     its first-pass graph's: the same weights and tensor names, rounded against the same inputs;
     each graph's own outlier migration rescales them (gptq.rescaled)."""
     step("GPTQ: calibration images (fp32)")
-    feeds = calibration_feeds(onnx_dir)
+    feeds = calibration_feeds(onnx_dir, pixels)
     first = decoder_graphs(manifest.layout)[0]
     graphs = {name: first if name in DECODERS else name for name in components}
     measured: dict[str, dict[str, np.ndarray]] = {}

@@ -23,7 +23,7 @@ from PIL import Image
 
 from vlmexport.bundle.decoding import DecodeOptions
 from vlmexport.bundle.manifest import read_manifest
-from vlmexport.bundle.preprocess import IMAGE_SUFFIXES
+from vlmexport.bundle.preprocess import IMAGE_SUFFIXES, image_names
 from vlmexport.errors import BundleError, ImageError, UsageError, VlmExportError
 from vlmexport.fsutil import atomic_file
 from vlmexport.runtime.captioner import Captioner, to_image
@@ -90,15 +90,6 @@ def caption_folder(
             sink.flush()
             on_progress(len(names) - len(todo) + captioned + len(failures), len(names))
     return FolderReport(output, captioned, len(names) - len(todo), failures, time.perf_counter() - started, workers)
-
-
-def image_names(folder: Path) -> list[str]:
-    """Image files under `folder` (recursively, hidden ones skipped), as sorted relative POSIX paths."""
-    return sorted(
-        p.relative_to(folder).as_posix()
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
 
 
 def resume(output: Path) -> set[str]:
