@@ -60,6 +60,10 @@ class BlockwiseRecipe:
     # rest as rtn; "hqq" (onnxruntime's HQQ config: zero points and scales optimised per block,
     # half-quadratic, no calibration data; needs torch) for bits < 8.
     algorithm: str = "rtn"
+    # With "gptq": rows in order of falling input energy, and each block's range shrunk to the one
+    # that rounds it with the least error (gptq.round_weight's act_order and clip).
+    act_order: bool = False
+    clip: bool = False
     smooth_alpha: float | None = 0.4  # outlier migration in decoder graphs (smooth.py); None: none
     # fnmatch patterns of MatMul nodes the recipe itself keeps float32 (beside --exclude-nodes).
     keep_fp32: tuple[str, ...] = field(default_factory=tuple)
@@ -73,7 +77,8 @@ class BlockwiseRecipe:
         if self.algorithm == "hqq":
             return f"{self.bits}-bit HQQ (zero points), blocks of {self.block_size}, float compute; 8-bit: {', '.join(self.high_bits) or 'none'}{kept}"
         kind = "symmetric" if self.symmetric else "asymmetric (zero points)"
-        rounding = ", rounded by GPTQ on calibration images" if self.algorithm == "gptq" else ""
+        options = [name for name, on in (("act-order", self.act_order), ("clipped ranges", self.clip)) if on]
+        rounding = f", rounded by GPTQ{' (' + ', '.join(options) + ')' if options else ''} on calibration images" if self.algorithm == "gptq" else ""
         high = f"; 8-bit: {', '.join(self.high_bits)}" if self.high_bits and self.bits < 8 else ""
         return f"{self.bits}-bit {kind}, blocks of {self.block_size}, accuracy_level {self.accuracy_level}{rounding}{high}{kept}"
 
@@ -108,7 +113,7 @@ def quantize_blockwise(
         # embeddings, whose error H (the head's inputs) says nothing about.
         heads = {name for table in tables for name in table.matmul_nodes}
         grids = {name: ((8, True) if name in high else (recipe.bits, recipe.symmetric)) for name in matmuls if name not in heads}
-        rounded = gptq.replace_matmuls(model, hessians, grids, recipe.block_size, recipe.accuracy_level)
+        rounded = gptq.replace_matmuls(model, hessians, grids, recipe.block_size, recipe.accuracy_level, recipe.act_order, recipe.clip)
     if high:
         model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, recipe.accuracy_level), 8, exclude, include=[n for n in high if n not in rounded])
     model = _nbits(model, recipe, recipe.bits, exclude, include=None)

@@ -36,6 +36,7 @@ from onnx import helper, numpy_helper
 from vlmexport.quantize.shared import private_weights
 
 DAMPING = 0.01  # × the mean of H's diagonal, added to it (the paper's default): H stays invertible
+CLIP_SHRINKS = tuple(1.0 - 0.025 * i for i in range(13))  # 1.0 down to 0.7
 LAZY_ROWS = 128  # rows whose updates to the rest are batched into one matrix product (speed only)
 
 
@@ -85,9 +86,18 @@ def rescaled(hessians: Mapping[str, np.ndarray], factors: Mapping[str, np.ndarra
     return out
 
 
-def round_weight(weight: np.ndarray, hessian: np.ndarray, bits: int, symmetric: bool, block_size: int) -> Rounded:
+def round_weight(
+    weight: np.ndarray, hessian: np.ndarray, bits: int, symmetric: bool, block_size: int, act_order: bool = False, clip: bool = False
+) -> Rounded:
     """`weight` [K, N] (K a multiple of `block_size`) rounded by GPTQ against `hessian` [K, K].
-    With H = I no error moves and this is round-to-nearest, code for code."""
+    With H = I (and neither option) no error moves and this is round-to-nearest, code for code.
+
+    `act_order`: rows in order of falling H diagonal (the inputs that carry the most energy
+    first, while the most rows are left to take their error; the paper's "act-order"); each
+    block's scale is then fixed up front from the weights as given ("static groups"), since
+    MatMulNBits' blocks are runs of rows in storage order. `clip`: each block's range is the one
+    of CLIP_SHRINKS × its extremes that rounds the block with the least H-diagonal-weighted error.
+    """
     w = weight.astype(np.float64).copy()
     k, n = w.shape
     h = hessian.astype(np.float64).copy()
@@ -96,12 +106,19 @@ def round_weight(weight: np.ndarray, hessian: np.ndarray, bits: int, symmetric: 
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += DAMPING * np.mean(np.diag(h))
+    energy = np.diag(h).copy()
+    order = np.argsort(-energy, kind="stable") if act_order else np.arange(k)
+    w, h = w[order], h[np.ix_(order, order)]
     # Upper Cholesky factor of H⁻¹: row j of it holds the updates after rounding row j (GPTQ §3).
     upper = np.linalg.cholesky(np.linalg.inv(h)).T
     codes = np.zeros((k, n), np.uint8)
     scales = np.zeros((k // block_size, n))
-    zeros = None if symmetric else np.zeros((k // block_size, n), np.uint8)
+    zeros = np.zeros((k // block_size, n))
     top = 2**bits - 1
+    if act_order:  # static groups: every block's grid from the weights before any update
+        for b in range(k // block_size):
+            rows = slice(b * block_size, (b + 1) * block_size)
+            scales[b], zeros[b] = _grid(weight[rows].astype(np.float64), bits, symmetric, energy[rows] if clip else None)
     lazy = block_size * max(1, LAZY_ROWS // block_size)  # whole blocks, so a block's scale sees its rows
     for start in range(0, k, lazy):
         stop = min(start + lazy, k)
@@ -109,27 +126,41 @@ def round_weight(weight: np.ndarray, hessian: np.ndarray, bits: int, symmetric: 
         errors = np.zeros_like(part)
         for i in range(stop - start):
             row = start + i
-            if row % block_size == 0:  # the block's scale from its rows as they now stand
-                block = part[i : i + block_size]
-                scale, zero = _grid(block, bits, symmetric)
-                scales[row // block_size] = scale
-                if zeros is not None:
-                    zeros[row // block_size] = zero
+            if not act_order and row % block_size == 0:  # the block's scale from its rows as they now stand
+                b = row // block_size
+                scales[b], zeros[b] = _grid(part[i : i + block_size], bits, symmetric, energy[row : row + block_size] if clip else None)
+            b = order[row] // block_size
+            scale, zero = scales[b], zeros[b]
             code = np.clip(np.round(part[i] / np.where(scale == 0, 1.0, scale)) + zero, 0, top)
-            codes[row] = code
+            codes[order[row]] = code
             error = (part[i] - (code - zero) * scale) / upper[row, row]
             part[i:] -= np.outer(upper[row, row : stop], error)
             errors[i] = error
         w[stop:] -= upper[start:stop, stop:].T @ errors
-    return Rounded(codes, scales, zeros, bits, block_size)
+    return Rounded(codes, scales, None if symmetric else zeros.astype(np.uint8), bits, block_size)
 
 
-def _grid(block: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per column of `block`, MLAS' scale and zero point (onnxruntime's MatMulNBits quantizer)."""
+def _grid(block: np.ndarray, bits: int, symmetric: bool, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of `block`, MLAS' scale and zero point (onnxruntime's MatMulNBits quantizer);
+    given `weights` (one per row), the range shrunk by the CLIP_SHRINKS factor that rounds the
+    column with the least weighted squared error."""
+    if weights is None:
+        return _grid_at(block, bits, symmetric, 1.0)
+    best_error, best_scale, best_zero = np.full(block.shape[1], np.inf), np.zeros(block.shape[1]), np.zeros(block.shape[1])
+    for shrink in CLIP_SHRINKS:
+        scale, zero = _grid_at(block, bits, symmetric, shrink)
+        codes = np.clip(np.round(block / np.where(scale == 0, 1.0, scale)) + zero, 0, 2**bits - 1)
+        error = weights @ (block - (codes - zero) * scale) ** 2
+        better = error < best_error
+        best_error, best_scale, best_zero = np.where(better, error, best_error), np.where(better, scale, best_scale), np.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def _grid_at(block: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     if symmetric:
-        peak = block[np.abs(block).argmax(axis=0), np.arange(block.shape[1])]
+        peak = block[np.abs(block).argmax(axis=0), np.arange(block.shape[1])] * shrink
         return peak / -(2 ** (bits - 1)), np.full(block.shape[1], 2 ** (bits - 1), np.float64)
-    low, high = np.minimum(block.min(axis=0), 0.0), np.maximum(block.max(axis=0), 0.0)
+    low, high = np.minimum(block.min(axis=0), 0.0) * shrink, np.maximum(block.max(axis=0), 0.0) * shrink
     scale = (high - low) / (2**bits - 1)  # 0 for an all-zero block, as onnxruntime stores it
     zero = np.clip(np.round(-low / np.where(scale == 0, 1.0, scale)), 0, 2**bits - 1)
     return scale, zero
@@ -165,11 +196,18 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def replace_matmuls(
-    model: onnx.ModelProto, hessians: Mapping[str, np.ndarray], grids: Mapping[str, tuple[int, bool]], block_size: int, accuracy_level: int
+    model: onnx.ModelProto,
+    hessians: Mapping[str, np.ndarray],
+    grids: Mapping[str, tuple[int, bool]],
+    block_size: int,
+    accuracy_level: int,
+    act_order: bool = False,
+    clip: bool = False,
 ) -> list[str]:
     """Every MatMul named in `grids` (node name → bits, symmetric) whose weight is a constant of
-    its own in whole blocks, and whose input has a Hessian, becomes a GPTQ-rounded MatMulNBits,
-    in place. Returns the names replaced; the others are left for round-to-nearest."""
+    its own in whole blocks, and whose input has a Hessian, becomes a GPTQ-rounded MatMulNBits
+    (`act_order`, `clip`: see round_weight), in place. Returns the names replaced; the others are
+    left for round-to-nearest."""
     graph = model.graph
     weights = private_weights(model)
     done = []
@@ -180,7 +218,7 @@ def replace_matmuls(
         if hessians[node.input[0]].shape != (init.dims[0], init.dims[0]):
             continue  # a same-named tensor of another width (another graph's): not this node's inputs
         bits, symmetric = grids[node.name]
-        rounded = round_weight(numpy_helper.to_array(init), hessians[node.input[0]], bits, symmetric, block_size)
+        rounded = round_weight(numpy_helper.to_array(init), hessians[node.input[0]], bits, symmetric, block_size, act_order, clip)
         new, new_inits = matmul_nbits(node, rounded, accuracy_level)
         graph.node.insert(list(graph.node).index(node), new)
         graph.node.remove(node)
