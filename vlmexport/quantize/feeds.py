@@ -38,6 +38,7 @@ CALIBRATION_ROW = 128
 # `quantize --calibration-images DIR`: at most this many of the folder's images, evenly spaced in
 # its sorted list (each costs an encoder pass, a greedy caption and a decoder pass).
 CALIBRATION_MAX_IMAGES = 128
+CALIBRATION_BATCH = 16
 
 
 class _Recording:
@@ -118,13 +119,19 @@ def calibration_feeds(onnx_dir: Path, pixels: np.ndarray, tokens: int = CALIBRAT
     feeds: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in bundle.sessions}
     plain = dict(bundle.sessions)
     recording = {name: _Recording(s, feeds[name]) for name, s in plain.items()}
-    for i in range(len(pixels)):
-        bundle.sessions = recording
-        prefix = bundle.prefix(pixels[i : i + 1])
-        bundle.sessions = plain
-        ids = np.array(greedy(bundle, prefix, tokens, None, pad), np.int64)
-        bundle.sessions = recording
-        bundle.first_pass(prefix, ids)
+    bundle.sessions = recording
+    prefixes = [bundle.prefix(pixels[i : i + 1]) for i in range(len(pixels))]
+    bundle.sessions = plain
+    # The captions a batch at a time (speed only: a decode step costs about the same for 16 rows
+    # as for one); every row's prefix has the same length.
+    captions = [
+        row
+        for start in range(0, len(prefixes), CALIBRATION_BATCH)
+        for row in greedy(bundle, np.concatenate(prefixes[start : start + CALIBRATION_BATCH]), tokens, None, pad)
+    ]
+    bundle.sessions = recording
+    for prefix, caption in zip(prefixes, captions, strict=True):
+        bundle.first_pass(prefix, np.array([caption], np.int64))
     tokens_of_text = load_tokenizer(onnx_dir).encode(CALIBRATION_TEXT.read_text().strip())
     no_prefix = np.zeros((1, 0, int(bundle.manifest.model["embed_dim"])), np.float32)
     for start in range(0, len(tokens_of_text), CALIBRATION_ROW):

@@ -256,13 +256,15 @@ def quantize_bundle(
     images = calibration_images(onnx_dir, calibration) if calibrated else None  # unreadable images fail here, before any work
     smoothed = [name for name in selected if chosen is not None and name in DECODERS and chosen.smooth_alpha is not None]
     peaks = _peaks(onnx_dir, manifest, smoothed, step) if smoothed else {}
-    hessians = _hessians(onnx_dir, manifest, calibrated, images.pixels, step) if images else {}
+    floats = {name: _component_recipe(mode, name, recipe).keep_fp32 for name in calibrated}
+    hessians = _hessians(onnx_dir, manifest, floats, images.pixels, step) if images else {}
     if keep_fp32 == "auto":
         kept, choice = _auto_keep(onnx_dir, manifest, mode, recipe, peaks, hessians, excluded, step)
         excluded = {name: sorted(set(excluded[name]) | set(kept if name in DECODERS else [])) for name in excluded}
         report.notes.append(_auto_note(choice))
         report.keep_fp32 = choice
     unfused: list[str] = []
+    memo: dict[bytes, gptq.Rounded] = {}  # GPTQ's results, for the layout's second decoder graph
     with _staging(onnx_dir, mode) as stage:
         for name in selected:
             step(f"{mode}: {name}")
@@ -272,7 +274,7 @@ def quantize_bundle(
             ranges = [r for r in report.activation_ranges if r.component == name]
             factors = smooth.smooth(model, peaks[name], _smooth_alpha(mode, recipe)) if name in peaks else {}
             own = gptq.rescaled(hessians.pop(name, {}), factors)  # one graph's Hessians in memory at a time, beside the shared ones
-            quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe, own)
+            quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe, own, memo)
             if images and "GPTQ" in settings.get("method", ""):
                 settings["calibration"] = _calibration_note(images.source)
             del own
@@ -376,6 +378,7 @@ def _quantize(
     ranges: list[fp16.ActivationRange],
     recipe: str,
     hessians: Mapping[str, np.ndarray] | None = None,
+    memo: dict[bytes, gptq.Rounded] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     if mode == "fp16":
         return fp16.convert_fp16(model, ranges, exclude)
@@ -383,7 +386,7 @@ def _quantize(
         return integer.quantize_integer(model, mode, component, per_channel, exclude)
     if component in TABLES:
         return quantize_embedding_table(model, _decoder_recipe(mode, recipe))
-    return quantize_blockwise(model, _component_recipe(mode, component, recipe), exclude, hessians=hessians)
+    return quantize_blockwise(model, _component_recipe(mode, component, recipe), exclude, hessians=hessians, memo=memo)
 
 
 def _component_recipe(mode: str, component: str, recipe: str) -> BlockwiseRecipe:
@@ -444,21 +447,27 @@ def _calibration_note(images: str) -> str:
 
 
 def _hessians(
-    onnx_dir: Path, manifest: Manifest, components: list[str], pixels: np.ndarray, step: Callable[[str], None]
+    onnx_dir: Path, manifest: Manifest, kept: dict[str, tuple[str, ...]], pixels: np.ndarray, step: Callable[[str], None]
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per component, GPTQ's Hessian (Σ xᵀx) of every MatMul input of its fp32 graph, on the
-    calibration images `pixels` (feeds.calibration_feeds). A layout's graph of the cached steps is given
+    """Per component of `kept`, GPTQ's Hessian (Σ xᵀx) of every input of its fp32 graph's MatMuls
+    but those its recipe keeps float (`kept`: the patterns of their names), on the calibration
+    images `pixels` (feeds.calibration_feeds). A layout's graph of the cached steps is given
     its first-pass graph's: the same weights and tensor names, rounded against the same inputs;
     each graph's own outlier migration rescales them (gptq.rescaled)."""
     step("GPTQ: calibration images (fp32)")
     feeds = calibration_feeds(onnx_dir, pixels)
     first = decoder_graphs(manifest.layout)[0]
-    graphs = {name: first if name in DECODERS else name for name in components}
+    graphs = {name: first if name in DECODERS else name for name in kept}
     measured: dict[str, dict[str, np.ndarray]] = {}
     for graph in sorted(set(graphs.values())):
         model = onnx.load(str(onnx_dir / manifest.variants["fp32"][graph]))
         constants = {i.name for i in model.graph.initializer}
-        activations = sorted({n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants})
+        patterns = kept[next(name for name in kept if graphs[name] == graph)]  # the decoders share one recipe
+        rounded = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants and not any(fnmatch.fnmatchcase(n.name, p) for p in patterns)]
+        activations = sorted({n.input[0] for n in rounded})
+        if not activations:  # every MatMul kept float (int8's projection)
+            measured[graph] = {}
+            continue
         step(f"GPTQ: Hessians of {len(activations)} MatMul inputs of {graph}")
         measured[graph] = gptq.hessians(model, feeds[graph], activations)
         del model
