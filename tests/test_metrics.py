@@ -44,3 +44,23 @@ def test_logit_swing_is_the_change_of_the_gap_between_the_references_top_two() -
     reference = np.array([[1.0, 4.0, 3.0, -2.0]])
     candidate = np.array([[9.0, 4.5, 3.2, 7.0]])  # tokens outside the top two do not count
     assert np.allclose(logit_swing(reference, candidate), [0.3])
+
+
+def test_logits_are_compared_up_to_the_shift_softmax_ignores() -> None:
+    """A constant added to a row of logits changes no probability: check compares logits centered
+    (a quantized decoder shifts whole rows; the captioner's int8 failed cosine on one such shift),
+    while any other change still counts."""
+    from vlmexport.validate.check import _logits_values
+    from vlmexport.validate.metrics import cosine
+    from vlmexport.validate.profiles import profile_named
+
+    rng = np.random.default_rng(1)
+    reference = 4.0 * rng.standard_normal((3, 2, 50))
+    shifted = reference + 2.0 * rng.standard_normal((3, 2, 1))
+    bounds = profile_named("int8").logits
+    assert cosine(reference, shifted) < bounds.cosine  # raw, the shift alone would fail
+    values = _logits_values(reference, shifted, bounds)
+    assert values["rel_max"] < 1e-12 and values["cosine"] > 1 - 1e-12 and values["top1"].rate == 1.0
+    wrong = shifted.copy()
+    wrong[0, 0, 0] += 5.0
+    assert _logits_values(reference, wrong, bounds)["rel_max"] > 1.0

@@ -42,6 +42,7 @@ from vlmexport.samples import sample_images
 from vlmexport.validate.metrics import (
     KNIFE_EDGE,
     Measurement,
+    centered,
     clear_top1,
     cosine,
     kl_divergence,
@@ -303,6 +304,13 @@ def _tensor_values(reference: np.ndarray, candidate: np.ndarray, bounds: TensorB
     return values
 
 
+def _logits_values(reference: np.ndarray, candidate: np.ndarray, bounds: TensorBounds) -> dict[str, Any]:
+    """`_tensor_values` of logits, each row centered (metrics.centered: softmax ignores a row's shift)."""
+    if reference.shape != candidate.shape:
+        return _tensor_values(reference, candidate, bounds)  # the metrics' own shape verdicts
+    return _tensor_values(centered(reference), centered(candidate), bounds)
+
+
 def _present_values(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, float]:
     """The worst present tensor (validate.metrics.present_values); none at all is infinitely wrong."""
     if not reference:
@@ -333,7 +341,7 @@ def _component_measurements(
     passes = zip(ref_passes, decode_passes(candidate, prefix, tokens))
     for i, ((ref_logits, ref_past), (got_logits, got_past)) in enumerate(passes):
         name = first if i == 0 else f"{later} step {i}"
-        out += _rows(name, "logits", _tensor_values(ref_logits, got_logits, profile.logits), profile.logits, batch)
+        out += _rows(name, "logits", _logits_values(ref_logits, got_logits, profile.logits), profile.logits, batch)
         out += _rows(name, "present.*", _present_values(ref_past, got_past), profile.present, batch)
     return out
 
