@@ -29,7 +29,7 @@ real-weights: $(STAMP)
 test: $(STAMP) lint
 	bash web/install-deps.sh
 	PY=$(PY) bash tests/install-deps.sh
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=10
 
 # ruff, and mypy on vlmexport/ (its settings in pyproject.toml); `make test` runs both first.
 lint: $(STAMP)
