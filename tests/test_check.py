@@ -310,7 +310,7 @@ def test_check_refuses_a_full_range_int8_graph_naming_the_node(bundle, monkeypat
 
     _, bundle_dir = bundle("compact", "llama")
 
-    def full_range(model, mode, component, per_channel, exclude, ranges, recipe, hessians=None, memo=None):
+    def full_range(model, mode, component, per_channel, exclude, ranges, recipe, hessians=None):
         return integer.quantize_integer(model, mode, component, per_channel, exclude, reduce_range=False)
 
     monkeypatch.setattr(stage, "_quantize", full_range)

@@ -116,18 +116,3 @@ def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse() -> None:
     assert np.allclose(np.triu(upper), upper) and (np.diag(upper) > 0).all()
     np.testing.assert_allclose(upper, np.linalg.cholesky(np.linalg.inv(hessian)).T, rtol=1e-6, atol=1e-10)
 
-
-def test_a_memo_rounds_a_weight_once_for_every_graph_that_holds_it(monkeypatch) -> None:
-    """A layout's two decoder graphs hold the same weights and Hessians: the second reuses the first's codes."""
-    x = _inputs(256, seed=1).astype(np.float64)
-    hessian = x.T @ x
-    calls = []
-    real = gptq.round_weight
-    monkeypatch.setattr(gptq, "round_weight", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
-    memo: dict = {}
-    first, second, other = _matmul(_weight()), _matmul(_weight()), _matmul(2 * _weight())
-    for model in (first, second, other):
-        gptq.replace_matmuls(model, {"x": hessian}, {"mm": (8, True)}, BLOCK, 4, memo=memo)
-    assert len(calls) == 2  # `other` holds another weight: rounded anew
-    assert [i.raw_data for i in first.graph.initializer] == [i.raw_data for i in second.graph.initializer]
-    assert [i.raw_data for i in first.graph.initializer] != [i.raw_data for i in other.graph.initializer]

@@ -89,15 +89,13 @@ def quantize_blockwise(
     exclude: list[str],
     high_nodes: list[str] | None = None,
     hessians: Mapping[str, np.ndarray] | None = None,
-    memo: dict[bytes, gptq.Rounded] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """`model` with every constant-weight MatMul as MatMulNBits, the tied table shared.
 
     `exclude` are node names kept float32 (so are those matching the recipe's `keep_fp32`);
     `high_nodes` (plus the recipe's `high_bits` patterns) get 8 bits where the recipe has fewer.
     `hessians` (activation name → Σ xᵀx of the MatMuls reading it, gptq.hessians) is what a
-    "gptq" recipe rounds against; without them every node is rounded to nearest. `memo` keeps
-    GPTQ's results for the next graph (gptq.replace_matmuls).
+    "gptq" recipe rounds against; without them every node is rounded to nearest.
     """
     kept = {n.name for n in model.graph.node if n.op_type == "MatMul" and any(fnmatch.fnmatchcase(n.name, p) for p in recipe.keep_fp32)}
     exclude = sorted(set(exclude) | kept)
@@ -115,7 +113,7 @@ def quantize_blockwise(
         # embeddings, whose error H (the head's inputs) says nothing about.
         heads = {name for table in tables for name in table.matmul_nodes}
         grids = {name: ((8, True) if name in high else (recipe.bits, recipe.symmetric)) for name in matmuls if name not in heads}
-        rounded = gptq.replace_matmuls(model, hessians, grids, recipe.block_size, recipe.accuracy_level, recipe.act_order, recipe.clip, memo)
+        rounded = gptq.replace_matmuls(model, hessians, grids, recipe.block_size, recipe.accuracy_level, recipe.act_order, recipe.clip)
     if high:
         model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, recipe.accuracy_level), 8, exclude, include=[n for n in high if n not in rounded])
     model = _nbits(model, recipe, recipe.bits, exclude, include=None)

@@ -26,7 +26,6 @@ correlated H), and it stores 8-bit results as float weights rather than MatMulNB
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -221,17 +220,13 @@ def replace_matmuls(
     accuracy_level: int,
     act_order: bool = False,
     clip: bool = False,
-    memo: dict[bytes, Rounded] | None = None,
 ) -> list[str]:
     """Every MatMul named in `grids` (node name → bits, symmetric) whose weight is a constant of
     its own in whole blocks, and whose input has a Hessian, becomes a GPTQ-rounded MatMulNBits
     (`act_order`, `clip`: see round_weight), in place. Returns the names replaced; the others are
-    left for round-to-nearest. `memo` (shared across calls) holds each result under a digest of
-    everything it depends on: a layout's two decoder graphs hold the same weights and Hessians,
-    and are rounded once."""
+    left for round-to-nearest."""
     graph = model.graph
     weights = private_weights(model)
-    digests: dict[str, bytes] = {}
     done = []
     for node in list(graph.node):
         init = weights.get(node.name)
@@ -240,15 +235,7 @@ def replace_matmuls(
         if hessians[node.input[0]].shape != (init.dims[0], init.dims[0]):
             continue  # a same-named tensor of another width (another graph's): not this node's inputs
         bits, symmetric = grids[node.name]
-        weight, hessian = numpy_helper.to_array(init), hessians[node.input[0]]
-        if node.input[0] not in digests:
-            digests[node.input[0]] = hashlib.blake2b(np.ascontiguousarray(hessian).tobytes()).digest()
-        key = hashlib.blake2b(np.ascontiguousarray(weight).tobytes() + digests[node.input[0]] + repr((bits, symmetric, block_size, act_order, clip)).encode()).digest()
-        rounded = memo.get(key) if memo is not None else None
-        if rounded is None:
-            rounded = round_weight(weight, hessian, bits, symmetric, block_size, act_order, clip)
-            if memo is not None:
-                memo[key] = rounded
+        rounded = round_weight(numpy_helper.to_array(init), hessians[node.input[0]], bits, symmetric, block_size, act_order, clip)
         new, new_inits = matmul_nbits(node, rounded, accuracy_level)
         graph.node.insert(list(graph.node).index(node), new)
         graph.node.remove(node)

@@ -264,7 +264,6 @@ def quantize_bundle(
         report.notes.append(_auto_note(choice))
         report.keep_fp32 = choice
     unfused: list[str] = []
-    memo: dict[bytes, gptq.Rounded] = {}  # GPTQ's results, for the layout's second decoder graph
     with _staging(onnx_dir, mode) as stage:
         for name in selected:
             step(f"{mode}: {name}")
@@ -274,7 +273,7 @@ def quantize_bundle(
             ranges = [r for r in report.activation_ranges if r.component == name]
             factors = smooth.smooth(model, peaks[name], _smooth_alpha(mode, recipe)) if name in peaks else {}
             own = gptq.rescaled(hessians.pop(name, {}), factors)  # one graph's Hessians in memory at a time, beside the shared ones
-            quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe, own, memo)
+            quantized, settings = _quantize(model, mode, name, per_channel, excluded[name], ranges, recipe, own)
             if images and "GPTQ" in settings.get("method", ""):
                 settings["calibration"] = _calibration_note(images.source)
             del own
@@ -378,7 +377,6 @@ def _quantize(
     ranges: list[fp16.ActivationRange],
     recipe: str,
     hessians: Mapping[str, np.ndarray] | None = None,
-    memo: dict[bytes, gptq.Rounded] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     if mode == "fp16":
         return fp16.convert_fp16(model, ranges, exclude)
@@ -386,7 +384,7 @@ def _quantize(
         return integer.quantize_integer(model, mode, component, per_channel, exclude)
     if component in TABLES:
         return quantize_embedding_table(model, _decoder_recipe(mode, recipe))
-    return quantize_blockwise(model, _component_recipe(mode, component, recipe), exclude, hessians=hessians, memo=memo)
+    return quantize_blockwise(model, _component_recipe(mode, component, recipe), exclude, hessians=hessians)
 
 
 def _component_recipe(mode: str, component: str, recipe: str) -> BlockwiseRecipe:
