@@ -76,10 +76,15 @@ def test_real_weights_check_passes(real_export, real_checkpoint: Path) -> None:
     assert forced.counted and forced.counted >= forced.positions // 2, "too few clear positions for top-1 to mean anything"
 
 
-def shift_positions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fault "positions off by one": every cached step is fed the position after its own."""
+def shift_positions(monkeypatch: pytest.MonkeyPatch, variant: str | None = None) -> None:
+    """The fault "positions off by one": every cached step is fed the position after its own (in
+    every bundle, or in `variant`'s alone)."""
     real_step = Bundle.step
-    monkeypatch.setattr(Bundle, "step", lambda self, ids, past, position_offset=None: real_step(self, ids, past, past[0].shape[2] + 1))
+
+    def step(self: Bundle, ids: np.ndarray, past: list[np.ndarray], position_offset: int | None = None) -> tuple:
+        return real_step(self, ids, past, past[0].shape[2] + 1 if variant in (None, self.variant) else position_offset)
+
+    monkeypatch.setattr(Bundle, "step", step)
 
 
 @pytest.mark.parametrize("fault", ["one weight ×1.01", "another checkpoint's projection", "positions off by one"])
@@ -111,16 +116,17 @@ def test_captioner_preset_captions_the_shapes() -> None:
     from vlmexport.checkpoint.train_projection import HELD_OUT_SEED, exact_captions
 
     checkpoint = load_checkpoint(cached_real_checkpoint("smollm2-135m-captioner"))
-    exact, pairs = exact_captions(checkpoint.model, checkpoint.tokenizer, checkpoint.preprocessor, 32, seed=HELD_OUT_SEED)
+    exact, pairs = exact_captions(checkpoint.model, checkpoint.tokenizer, checkpoint.preprocessor, 16, seed=HELD_OUT_SEED)
     in_form = sum(bool(re.fullmatch(r"a \w+ \w+ on a \w+ background", caption)) for caption, _ in pairs)
-    # Measured on AVX512-VNNI: 30 of 32 in the captions' form, 11 exact (colours and shapes are
-    # often wrong: the vision tower is random; the untrained projection gave 0 and 0). The bounds
-    # leave room for another CPU kind's float32 kernels flipping a near-tied colour or shape.
-    assert in_form >= 24 and exact >= 6, pairs
+    # Measured on 16 (AMD EPYC, AVX2): 15 in the captions' form, 4 exact (on 32: 30 and 11;
+    # colours and shapes are often wrong: the vision tower is random; the untrained projection
+    # gave 0 and 0). The bounds leave room for another CPU kind's float32 kernels flipping a
+    # near-tied colour or shape. 16 images, not 32: 15 s instead of 39 s of the CI budget.
+    assert in_form >= 12 and exact >= 2, pairs
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp16"])
-def test_real_weights_variants_pass_their_profiles(real_export, real_checkpoint: Path, tmp_path: Path, monkeypatch, mode: str) -> None:
+def test_real_weights_variants_pass_their_profiles(real_export, tmp_path: Path, monkeypatch, mode: str) -> None:
     """The shipped recipes keep the pretrained decoder's behaviour within their profiles (int8:
     mean KL ≤ 0.03 — a parity bound with headroom over both CPU kinds, the 0.01 goal reported
     beside it; fp16 KL ≤ 0.001), and int8's looser bound still fails positions off by one."""
@@ -136,7 +142,7 @@ def test_real_weights_variants_pass_their_profiles(real_export, real_checkpoint:
     assert report.ratio <= {"int8": 0.30, "fp16": 0.55}[mode]
     goal = [note for note in report.check.notes if note.startswith("fidelity goal")]
     assert len(goal) == (mode == "int8") and (not goal or f"{kl.value:.3g}" in goal[0]), report.check.notes
-    if mode == "int8":  # measured 0.19 (AMD EPYC, AVX2), against the bound 0.03
-        shift_positions(monkeypatch)
-        faulty = check_bundle(bundle_dir, real_checkpoint, variant=mode, max_new_tokens=FAULT_TOKENS)
+    if mode == "int8":  # the fault in int8 alone, against fp32's bundle (no PyTorch to load): KL 0.21 (AMD EPYC, AVX2), bound 0.03
+        shift_positions(monkeypatch, variant=mode)
+        faulty = check_bundle(bundle_dir, None, variant=mode, max_new_tokens=FAULT_TOKENS)
         assert not faulty.passed and any(m.component == "end_to_end" and m.metric == "kl" for m in faulty.failures), faulty.summary()
