@@ -26,10 +26,14 @@ install: $(STAMP)
 real-weights: $(STAMP)
 	$(PY) -m vlmexport.checkpoint.pretrained --install
 
+# The suite on every core (TEST_WORKERS=0: in one process): one test file per worker at a time,
+# the longest file first (tests/conftest.py); a worker builds each session fixture it needs once.
+TEST_WORKERS ?= auto
+
 test: $(STAMP) lint
 	bash web/install-deps.sh
 	PY=$(PY) bash tests/install-deps.sh
-	$(PY) -m pytest --durations=10
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=10
 
 # ruff, and mypy on vlmexport/ (its settings in pyproject.toml); `make test` runs both first.
 lint: $(STAMP)

