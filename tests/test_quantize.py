@@ -176,6 +176,34 @@ def test_blockwise_table_is_one_quantized_copy_shared_by_head_and_embedding(bund
     assert np.abs(rows - table).max() > 0  # it really is quantized
 
 
+def test_activation_ranges_equal_onnxruntimes_minmax_calibrator(fp32_bundle) -> None:
+    """fp16.activation_ranges measures, per float node output, what onnxruntime's MinMax
+    calibrator measures (the peak of |min| and |max|), on the same feeds and every graph."""
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from vlmexport.bundle.manifest import read_manifest
+    from vlmexport.quantize import fp16
+    from vlmexport.quantize.feeds import recorded_feeds
+
+    onnx_dir = fp32_bundle("distilvit", 48)
+    feeds = recorded_feeds(onnx_dir)
+    for name, relative in read_manifest(onnx_dir).variants["fp32"].items():
+        ours = {r.tensor: r.peak for r in fp16.activation_ranges(onnx_dir / relative, name, feeds[name])}
+        with tempfile.TemporaryDirectory() as tmp:
+            calibrator = create_calibrator(onnx_dir / relative, augmented_model_path=f"{tmp}/a.onnx", calibrate_method=CalibrationMethod.MinMax)
+            calibrator.collect_data(type("Reader", (), {"items": iter(feeds[name]), "get_next": lambda self: next(self.items, None)})())
+            data = calibrator.compute_data().data
+        theirs = {t: max(abs(float(np.min(v.range_value[0]))), abs(float(np.max(v.range_value[1])))) for t, v in data.items() if t in ours}
+        assert ours and set(ours) == set(theirs), (name, set(ours) ^ set(theirs))
+        # A tensor empty in every feed (the distilvit prefix graph's token embeddings): the
+        # calibrator's min of nothing is inf; ours is 0, which keeps nothing in float32 either.
+        expected = {t: 0.0 if np.isinf(peak) else peak for t, peak in theirs.items()}
+        assert ours == pytest.approx(expected, rel=1e-6), name
+        assert any(np.isinf(peak) for peak in theirs.values()) == (name == "prefix_init")
+
+
 def test_fp16_reports_activation_ranges_and_keeps_graph_io_float32(bundle) -> None:
     onnx_dir = bundle()
     report = quantize_bundle(onnx_dir, "fp16", verify=False)

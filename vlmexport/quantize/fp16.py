@@ -13,8 +13,6 @@ and the KV cache feeds stay float32). What stays float32 is decided by measureme
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
-
-from vlmexport.quantize.integer import quiet_root_logger
 
 FP16_MAX = 65504.0
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -58,38 +54,36 @@ class ActivationRange:
         return self.peak / FP16_MAX
 
 
-class _Feeds:
-    """A calibration data reader over recorded feeds (onnxruntime's reader protocol)."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.items: Iterator[dict[str, np.ndarray]] = iter(feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.items, None)
-
-
 def activation_ranges(model_path: Path, component: str, feeds: list[dict[str, np.ndarray]]) -> list[ActivationRange]:
     """Peak |value| of every float node output of the float32 graph on `feeds`, largest first.
 
-    Uses onnxruntime's MinMax calibrator, which adds a ReduceMin/ReduceMax per tensor: the
-    peaks come back as scalars, so memory stays that of one normal run.
+    Each such output gets an Abs → ReduceMax (keepdims: an empty tensor reduces without error),
+    appended at the graph's end (after every producer, so the order stays topological); the peaks
+    come back as scalars, so memory stays that of one normal run. Written by hand: onnxruntime's
+    MinMax calibrator computes the same (a ReduceMin and a ReduceMax per tensor; a tensor empty in
+    every feed is inf there, 0 here) but places each node by a linear search of the graph, which
+    is quadratic: on the real-weights model's decoder (1435 outputs) 24.8 s against 13.9 s here,
+    its three graphs 31 s against 21 s (AMD EPYC, AVX2). tests/test_quantize.py checks both agree.
     """
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+    from vlmexport.quantize.feeds import probe
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    producers = {out: node.op_type for node in model.graph.node for out in node.output}
-    with tempfile.TemporaryDirectory(prefix="vlmexport-ranges-") as tmp, quiet_root_logger():
-        calibrator = create_calibrator(
-            model_path, augmented_model_path=str(Path(tmp) / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax
+    model = onnx.load(str(model_path))
+    typed = onnx.shape_inference.infer_shapes(model)  # the outputs' types: only float ones are peaks
+    types = {v.name: v.type.tensor_type.elem_type for v in [*typed.graph.value_info, *typed.graph.output]}
+    producers = {out: node.op_type for node in model.graph.node for out in node.output if out}
+    tensors = [name for name in producers if types.get(name) == onnx.TensorProto.FLOAT]
+    peaks = [f"{name}__abs_max" for name in tensors]
+    for name, peak in zip(tensors, peaks, strict=True):
+        model.graph.node.extend(
+            [
+                onnx.helper.make_node("Abs", [name], [f"{name}__abs"], name=f"{name}__abs"),
+                onnx.helper.make_node("ReduceMax", [f"{name}__abs"], [peak], name=peak, keepdims=1),
+            ]
         )
-        calibrator.collect_data(_Feeds(feeds))
-        data = calibrator.compute_data()
-    ranges = []
-    for name, tensor in data.data.items():
-        if name not in producers:
-            continue  # graph inputs: float32 by contract
-        low, high = (float(np.asarray(v).max()) if i else float(np.asarray(v).min()) for i, v in enumerate(tensor.range_value))
-        ranges.append(ActivationRange(component, name, producers[name], max(abs(low), abs(high))))
+    highest = np.zeros(len(tensors))
+    for values in probe(model, feeds, peaks):
+        highest = np.maximum(highest, [float(v.max()) if v.size else 0.0 for v in values])
+    ranges = [ActivationRange(component, name, producers[name], float(peak)) for name, peak in zip(tensors, highest, strict=True)]
     return sorted(ranges, key=lambda r: -r.peak)
 
 
