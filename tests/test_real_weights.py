@@ -12,9 +12,13 @@ The captioner preset's captions: test_train_projection.py.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,6 +29,7 @@ from test_check import rehash, scale_one_weight
 from vlmexport.bundle.manifest import MANIFEST_NAME
 from vlmexport.exporter.export import ExportResult, export_bundle
 from vlmexport.runtime.bundle import Bundle
+from vlmexport.validate import check
 from vlmexport.validate.check import check_bundle
 
 FAULT_TOKENS = 8  # the faults show within a few tokens; the passing check runs full captions
@@ -87,8 +92,67 @@ def shift_positions(monkeypatch: pytest.MonkeyPatch, variant: str | None = None)
     monkeypatch.setattr(Bundle, "step", step)
 
 
+def _key(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.shape, value.dtype.str, hashlib.sha1(np.ascontiguousarray(value).tobytes()).hexdigest()
+    if isinstance(value, list | tuple):
+        return tuple(_key(v) for v in value)
+    return value
+
+
+def _memoized(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function`, computed once per distinct argument values (arrays by content)."""
+    results: dict[Any, Any] = {}
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        key = _key((*args, *sorted(kwargs.items())))
+        if key not in results:
+            results[key] = function(*args, **kwargs)
+        return results[key]
+
+    return call
+
+
+class _Memo:
+    """A reference runner whose every call is computed once (see shared_reference)."""
+
+    def __init__(self, runner: Any) -> None:
+        self.calls = {name: _memoized(getattr(runner, name)) for name in ("prefix", "vision", "project", "first_pass", "step")}
+
+    def __getattr__(self, name: str) -> Any:
+        return self.calls[name]
+
+
+@pytest.fixture(scope="module")
+def reference_cache() -> dict:
+    return {}
+
+
+@pytest.fixture
+def shared_reference(reference_cache: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The faults' checks share one PyTorch reference: a fault changes the bundle, never the
+    reference's inputs (the same images, the reference's own tokens), so its numbers are computed
+    for the first fault and looked up for the others — the same numbers, not PyTorch's 20-odd
+    seconds again (the checkpoint load, generate, the teacher-forced passes). Only references
+    from a checkpoint are shared; a bundle's fp32 reference is computed as usual."""
+    real = check._reference
+
+    def reference(onnx_dir: Path, model_dir: Path | None, manifest: Any, max_new: int) -> Any:
+        if model_dir is None:
+            return real(onnx_dir, model_dir, manifest, max_new)
+        key = (Path(model_dir).resolve(), max_new)
+        if key not in reference_cache:
+            built = real(onnx_dir, model_dir, manifest, max_new)
+            reference_cache[key] = dataclasses.replace(
+                built, components=_Memo(built.components), captions=_Memo(built.captions), tokens=_memoized(built.tokens)
+            )
+        return reference_cache[key]
+
+    monkeypatch.setattr(check, "_reference", reference)
+
+
 @pytest.mark.parametrize("fault", ["one weight ×1.01", "another checkpoint's projection", "positions off by one"])
-def test_real_weights_check_fails_the_injected_faults(real_export, real_checkpoint: Path, tmp_path: Path, monkeypatch, fault: str) -> None:
+def test_real_weights_check_fails_the_injected_faults(real_export, real_checkpoint: Path, tmp_path: Path, monkeypatch, shared_reference, fault: str) -> None:
     source, _ = real_export
     bundle_dir = linked_copy(source, tmp_path / "onnx")
     if fault == "one weight ×1.01":
