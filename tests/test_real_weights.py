@@ -12,6 +12,7 @@ The captioner preset's captions: test_train_projection.py.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -101,14 +102,15 @@ def _key(value: Any) -> Any:
 
 
 def _memoized(function: Callable[..., Any]) -> Callable[..., Any]:
-    """`function`, computed once per distinct argument values (arrays by content)."""
+    """`function`, computed once per distinct argument values (arrays by content); each caller
+    gets its own copy, so no check can change what the next one is given."""
     results: dict[Any, Any] = {}
 
     def call(*args: Any, **kwargs: Any) -> Any:
         key = _key((*args, *sorted(kwargs.items())))
         if key not in results:
             results[key] = function(*args, **kwargs)
-        return results[key]
+        return copy.deepcopy(results[key])
 
     return call
 
