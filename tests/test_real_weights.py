@@ -119,10 +119,8 @@ class _Memo:
     """A reference runner whose every call is computed once (see shared_reference)."""
 
     def __init__(self, runner: Any) -> None:
-        self.calls = {name: _memoized(getattr(runner, name)) for name in ("prefix", "vision", "project", "first_pass", "step")}
-
-    def __getattr__(self, name: str) -> Any:
-        return self.calls[name]
+        for name in ("prefix", "vision", "project", "first_pass", "step"):
+            setattr(self, name, _memoized(getattr(runner, name)))
 
 
 @pytest.fixture(scope="module")
