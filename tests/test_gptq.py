@@ -116,3 +116,15 @@ def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse() -> None:
     assert np.allclose(np.triu(upper), upper) and (np.diag(upper) > 0).all()
     np.testing.assert_allclose(upper, np.linalg.cholesky(np.linalg.inv(hessian)).T, rtol=1e-6, atol=1e-10)
 
+
+
+def test_hessian_sums_are_the_gram_matrix_of_every_row_of_every_run() -> None:
+    """Σ xᵀx over all rows of all runs, whatever the runs' lengths (empty ones included)."""
+    rng = np.random.default_rng(4)
+    runs = [rng.standard_normal((1, rows, K)).astype(np.float32) for rows in (7, 0, 30, 64, 3, 49)]
+    sums = gptq.HessianSums(["x", "twice"])
+    for run in runs:
+        sums([run, 2 * run])
+    rows = np.concatenate([run.reshape(-1, K) for run in runs]).astype(np.float64)
+    np.testing.assert_allclose(sums.sums["x"], rows.T @ rows, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(sums.sums["twice"], 4 * rows.T @ rows, rtol=1e-5, atol=4e-4)

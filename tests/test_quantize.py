@@ -204,6 +204,44 @@ def test_activation_ranges_equal_onnxruntimes_minmax_calibrator(fp32_bundle) -> 
         assert any(np.isinf(peak) for peak in theirs.values()) == (name == "prefix_init")
 
 
+def test_calibration_probes_see_each_image_and_teacher_forced_pass_and_run_like_the_plain_graph(fp32_bundle) -> None:
+    """GPTQ's calibration runs each probed graph once per pass (feeds.calibrate): the vision
+    encoder's probe sees every image, the decoder's every teacher-forced first pass (prefix and
+    fp32's caption) and every row of prose, not the captions' greedy steps; outside those, and in
+    what it returns, a probe is its graph's plain session."""
+    import math
+
+    from vlmexport.bundle.tokenizer import load_tokenizer
+    from vlmexport.quantize.feeds import (
+        CALIBRATION_ROW,
+        CALIBRATION_TEXT,
+        CALIBRATION_TOKENS,
+        Probe,
+        calibrate,
+        calibration_images,
+    )
+
+    onnx_dir = fp32_bundle("compact", 48)
+    files = read_manifest(onnx_dir).variants["fp32"]
+    pixels = calibration_images(onnx_dir).pixels[:3]
+    seen: dict[str, list] = {"vision_encoder": [], "decoder": []}
+    probes = {}
+    for name, values in seen.items():
+        model = onnx.load(str(onnx_dir / files[name]))
+        probes[name] = Probe(model, [next(n for n in model.graph.node if n.op_type == "MatMul").input[0]], values.append)
+    plain = open_bundle(onnx_dir)
+    feed = {"pixel_values": pixels[:1]}
+    np.testing.assert_allclose(probes["vision_encoder"].run(None, feed)[0], plain.sessions["vision_encoder"].run(None, feed)[0], rtol=1e-5, atol=1e-6)
+    assert not seen["vision_encoder"]
+    calibrate(onnx_dir, pixels, probes)
+    prefix = plain.prefix(pixels[:1]).shape[1]
+    prose = math.ceil(len(load_tokenizer(onnx_dir).encode(CALIBRATION_TEXT.read_text().strip())) / CALIBRATION_ROW)
+    assert [len(values) for values in seen.values()] == [3, 3 + prose]
+    assert [v[0].shape[1] for v in seen["decoder"][:3]] == [prefix + CALIBRATION_TOKENS] * 3
+    assert {v[0].shape[1] for v in seen["decoder"][3:-1]} <= {CALIBRATION_ROW}
+    assert not any(runner.recording for runner in probes.values())
+
+
 def test_fp16_reports_activation_ranges_and_keeps_graph_io_float32(bundle) -> None:
     onnx_dir = bundle()
     report = quantize_bundle(onnx_dir, "fp16", verify=False)

@@ -33,7 +33,7 @@ from vlmexport.runtime.bundle import Bundle
 from vlmexport.validate import check
 from vlmexport.validate.check import check_bundle
 
-FAULT_TOKENS = 8  # the faults show within a few tokens; the passing check runs full captions
+FAULT_TOKENS = 8  # the faults show within a few tokens (where no PyTorch reference is shared)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_real_weights_export_passes_its_merge_verification_and_smoke_parity(real
     assert result.smoke and all(m.passed for m in result.smoke)
 
 
-def test_real_weights_check_passes(real_export, real_checkpoint: Path) -> None:
+def test_real_weights_check_passes(real_export, real_checkpoint: Path, shared_reference) -> None:
     bundle_dir, _ = real_export
     report = check_bundle(bundle_dir, real_checkpoint)
     assert report.passed, [f"{m.component} {m.output} {m.metric} {m.value:.3g} vs {m.tolerance:.3g}" for m in report.failures]
@@ -130,11 +130,12 @@ def reference_cache() -> dict:
 
 @pytest.fixture
 def shared_reference(reference_cache: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The faults' checks share one PyTorch reference: a fault changes the bundle, never the
-    reference's inputs (the same images, the reference's own tokens), so its numbers are computed
-    for the first fault and looked up for the others — the same numbers, not PyTorch's 20-odd
-    seconds again (the checkpoint load, generate, the teacher-forced passes). Only references
-    from a checkpoint are shared; a bundle's fp32 reference is computed as usual."""
+    """The passing check and the faults' checks share one PyTorch reference: a fault changes the
+    bundle, never the reference's inputs (the same images, the reference's own tokens), so its
+    numbers are computed for the first check and looked up for the others — the same numbers,
+    not PyTorch's 20-odd seconds again (the checkpoint load, generate, the teacher-forced
+    passes). Only references from a checkpoint are shared; a bundle's fp32 reference is computed
+    as usual."""
     real = check._reference
 
     def reference(onnx_dir: Path, model_dir: Path | None, manifest: Any, max_new: int) -> Any:
@@ -164,7 +165,7 @@ def test_real_weights_check_fails_the_injected_faults(real_export, real_checkpoi
     else:
         shift_positions(monkeypatch)
         culprits = {"decoder step 1"}
-    report = check_bundle(bundle_dir, real_checkpoint, max_new_tokens=FAULT_TOKENS)
+    report = check_bundle(bundle_dir, real_checkpoint)  # full captions: the passing check's reference, looked up
     failing = {m.component for m in report.failures}
     assert not report.passed and failing & culprits, failing
     # Each graph is fed the reference's inputs, so the vision encoder upstream still passes.

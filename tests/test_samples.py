@@ -21,7 +21,7 @@ def test_sample_images_are_distinct_non_blank_and_reproducible() -> None:
 
 
 def test_calibration_images_share_none_with_the_judged_ones() -> None:
-    """GPTQ calibrates on another seed without the fixed textures (feeds.calibration_feeds): with
+    """GPTQ calibrates on another seed without the fixed textures (feeds.calibrate): with
     them, every seed repeats the gradient and the stripes that check and the fidelity bench judge."""
 
     def digests(images: list) -> set[str]:

@@ -8,7 +8,7 @@
 | q4    | MatMulNBits 4-bit blocks of 32 with zero points, down_proj and the tied head at 8 bits, the projection and layers 0-1's attention and layer 0's MLP float (float16-stored; quantize.KEEP_FLOAT_Q4) (`--recipe hqq`: decoder by HQQ) | `*_q4.onnx`    |
 
 In int8, uint8 and q4 the decoder's and the vision encoder's weights are rounded by GPTQ (gptq.py)
-against calibration images and prose (feeds.calibration_feeds): the same grid and kernels, codes
+against calibration images and prose (feeds.calibrate): the same grid and kernels, codes
 chosen so the rounding errors cancel on real inputs (q4 end to end on the real-weights model
 0.39 → 0.16; the tables below were measured before it, with round-to-nearest).
 

@@ -2,12 +2,14 @@
 
 Measuring activation ranges (fp16) needs each graph's inputs as the decoding loop produces
 them — the prefix pass, then cached steps — so the fp32 bundle captions sample images while
-its sessions record what they are fed.
+its sessions record what they are fed. GPTQ's calibration (`calibrate`) runs the fp32 bundle
+with Probes in place of some sessions: graphs that also output the tensors being measured.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from vlmexport.bundle.manifest import read_manifest
 from vlmexport.bundle.preprocess import IMAGE_SUFFIXES, bundle_preprocessor, image_names, open_image
 from vlmexport.bundle.tokenizer import load_tokenizer
 from vlmexport.errors import UsageError
@@ -25,7 +28,7 @@ from vlmexport.samples import sample_images
 
 IMAGES = 4
 STEPS = 6
-# GPTQ's calibration (calibration_feeds): images other than the ones `check` and the fidelity bench
+# GPTQ's calibration (calibrate): images other than the ones `check` and the fidelity bench
 # judge (sample_images' seed 0), each captioned by fp32 for this many tokens, and English prose
 # other than the fidelity text (configs/calibration/text.txt, written for this) in rows of
 # CALIBRATION_ROW tokens. Without the prose, q4's decoder rounded against image prefixes alone
@@ -38,7 +41,7 @@ CALIBRATION_ROW = 128
 # `quantize --calibration-images DIR`: at most this many of the folder's images, evenly spaced in
 # its sorted list (each costs an encoder pass, a greedy caption and a decoder pass).
 CALIBRATION_MAX_IMAGES = 128
-CALIBRATION_BATCH = 16
+CALIBRATION_BATCH = 4
 
 
 class _Recording:
@@ -102,52 +105,86 @@ def calibration_images(onnx_dir: Path, folder: Path | None = None) -> Calibratio
     return CalibrationImages(pixels, f"{chosen} images in {folder.name or folder}/ (--calibration-images)")
 
 
-def calibration_feeds(onnx_dir: Path, pixels: np.ndarray, tokens: int = CALIBRATION_TOKENS) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Per fp32 component, its feeds when each image of `pixels` (calibration_images) is
-    encoded, then teacher-forced in one first pass: its prefix, then fp32's greedy caption of it;
-    then the calibration text, a first pass per row with no prefix.
+def calibrate(onnx_dir: Path, pixels: np.ndarray, probes: Mapping[str, Probe], tokens: int = CALIBRATION_TOKENS) -> None:
+    """GPTQ's calibration, run on the fp32 bundle with `probes` (component → Probe of its fp32
+    graph) in place of those components' sessions: each image of `pixels` (calibration_images)
+    is encoded, then teacher-forced in one first pass — its prefix, then fp32's greedy caption of
+    it; then the calibration text, a first pass per row with no prefix. The probes record those
+    passes, not the caption's own greedy steps.
 
     One pass per image holds every position's activations without a growing cache of past keys
-    and values (the caption's own greedy steps are not recorded). The graph of the cached steps
-    sees none of these feeds; it has the same weights and tensor names (decoder_graphs).
+    and values. The graph of the cached steps sees none of these passes; it has the same weights
+    and tensor names (decoder_graphs). Each probed graph runs once per pass: the values it
+    records are those of the run the calibration needs anyway.
 
     Raises:
         BundleError: the fp32 bundle cannot be opened.
     """
-    bundle = open_bundle(onnx_dir, "fp32")
+    manifest = read_manifest(onnx_dir)
+    bundle = open_bundle(onnx_dir, "fp32", components=[name for name in manifest.variants["fp32"] if name not in probes])
+    bundle.sessions.update(probes)
     pad = bundle.manifest.model["pad_token_id"]
-    feeds: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in bundle.sessions}
-    plain = dict(bundle.sessions)
-    recording = {name: _Recording(s, feeds[name]) for name, s in plain.items()}
-    bundle.sessions = recording
-    prefixes = [bundle.prefix(pixels[i : i + 1]) for i in range(len(pixels))]
-    bundle.sessions = plain
-    # The captions a batch at a time (speed only: a decode step costs about the same for 16 rows
-    # as for one); every row's prefix has the same length.
+    with _recording(probes):
+        prefixes = [bundle.prefix(pixels[i : i + 1]) for i in range(len(pixels))]
+    # The captions a batch at a time (speed only: a decode step costs about the same for 4 rows as
+    # for one; not 16, whose first pass held 1.2 GB of logits in onnxruntime's arena on the
+    # real-weights model, while the probes hold their sums); every row's prefix has the same length.
     captions = [
         row
         for start in range(0, len(prefixes), CALIBRATION_BATCH)
         for row in greedy(bundle, np.concatenate(prefixes[start : start + CALIBRATION_BATCH]), tokens, None, pad)
     ]
-    bundle.sessions = recording
-    for prefix, caption in zip(prefixes, captions, strict=True):
-        bundle.first_pass(prefix, np.array([caption], np.int64))
     tokens_of_text = load_tokenizer(onnx_dir).encode(CALIBRATION_TEXT.read_text().strip())
     no_prefix = np.zeros((1, 0, int(bundle.manifest.model["embed_dim"])), np.float32)
-    for start in range(0, len(tokens_of_text), CALIBRATION_ROW):
-        bundle.first_pass(no_prefix, np.array([tokens_of_text[start : start + CALIBRATION_ROW]], np.int64))
-    return feeds
+    with _recording(probes):
+        for prefix, caption in zip(prefixes, captions, strict=True):
+            bundle.first_pass(prefix, np.array([caption], np.int64))
+        for start in range(0, len(tokens_of_text), CALIBRATION_ROW):
+            bundle.first_pass(no_prefix, np.array([tokens_of_text[start : start + CALIBRATION_ROW]], np.int64))
+
+
+@contextmanager
+def _recording(probes: Mapping[str, Probe]) -> Iterator[None]:
+    for runner in probes.values():
+        runner.recording = True
+    try:
+        yield
+    finally:
+        for runner in probes.values():
+            runner.recording = False
+
+
+class Probe:
+    """An onnxruntime session of `model` that also computes the tensors `names` inside it. It
+    runs as the plain session would (the same outputs); while `recording`, each run also hands
+    the values of `names` to `sink`, in that order. One graph, one run: probing adds outputs,
+    not passes."""
+
+    def __init__(self, model: onnx.ModelProto, names: list[str], sink: Callable[[list[np.ndarray]], None]) -> None:
+        probed = onnx.ModelProto()
+        probed.CopyFrom(model)
+        self.outputs = [o.name for o in model.graph.output]
+        probed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in self.outputs)
+        self.session = session(probed.SerializeToString())
+        del probed
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.names, self.sink, self.recording = list(names), sink, False
+
+    def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        wanted = self.outputs if outputs is None else list(outputs)
+        extra = self.names if self.recording else []
+        values = self.session.run(wanted + extra, {k: v for k, v in feeds.items() if k in self.inputs})
+        if extra:
+            self.sink(values[len(wanted) :])
+        return values[: len(wanted)]
 
 
 def probe(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], names: list[str]) -> Iterator[list[np.ndarray]]:
     """The values of the tensors `names` inside `model`, per feed: the graph run with them as
     extra outputs (one run per feed, no copy of the weights kept beyond the session's)."""
-    probed = onnx.ModelProto()
-    probed.CopyFrom(model)
-    present = {o.name for o in probed.graph.output}
-    probed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in present)
-    runner = session(probed.SerializeToString())
-    del probed
-    inputs = {i.name for i in runner.get_inputs()}
+    got: list[list[np.ndarray]] = []
+    runner = Probe(model, names, got.append)
+    runner.recording = True
     for feed in feeds:
-        yield runner.run(names, {k: v for k, v in feed.items() if k in inputs})
+        runner.run([], feed)
+        yield got.pop()

@@ -29,7 +29,7 @@ from vlmexport.errors import BundleError, UsageError
 from vlmexport.exporter.onnx_io import TWO_GB, signature
 from vlmexport.quantize import fp16, gptq, integer, smooth
 from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise, quantize_embedding_table
-from vlmexport.quantize.feeds import CALIBRATION_TOKENS, calibration_feeds, calibration_images
+from vlmexport.quantize.feeds import CALIBRATION_TOKENS, Probe, calibrate, calibration_images
 from vlmexport.quantize.optimize import optimize_graph
 
 MODES = ("int8", "uint8", "fp16", "q4")
@@ -449,26 +449,27 @@ def _hessians(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per component of `kept`, GPTQ's Hessian (Σ xᵀx) of every input of its fp32 graph's MatMuls
     but those its recipe keeps float (`kept`: the patterns of their names), on the calibration
-    images `pixels` (feeds.calibration_feeds). A layout's graph of the cached steps is given
-    its first-pass graph's: the same weights and tensor names, rounded against the same inputs;
+    images `pixels` (feeds.calibrate). A layout's graph of the cached steps is given its
+    first-pass graph's: the same weights and tensor names, rounded against the same inputs;
     each graph's own outlier migration rescales them (gptq.rescaled)."""
-    step("GPTQ: calibration images (fp32)")
-    feeds = calibration_feeds(onnx_dir, pixels)
     first = decoder_graphs(manifest.layout)[0]
     graphs = {name: first if name in DECODERS else name for name in kept}
-    measured: dict[str, dict[str, np.ndarray]] = {}
+    probes: dict[str, Probe] = {}
+    sums: dict[str, gptq.HessianSums] = {}
     for graph in sorted(set(graphs.values())):
         model = onnx.load(str(onnx_dir / manifest.variants["fp32"][graph]))
         constants = {i.name for i in model.graph.initializer}
         patterns = kept[next(name for name in kept if graphs[name] == graph)]  # the decoders share one recipe
         rounded = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants and not any(fnmatch.fnmatchcase(n.name, p) for p in patterns)]
         activations = sorted({n.input[0] for n in rounded})
-        if not activations:  # every MatMul kept float (int8's projection)
-            measured[graph] = {}
-            continue
-        step(f"GPTQ: Hessians of {len(activations)} MatMul inputs of {graph}")
-        measured[graph] = gptq.hessians(model, feeds[graph], activations)
+        sums[graph] = gptq.HessianSums(activations)
+        if activations:  # else every MatMul is kept float (int8's projection)
+            probes[graph] = Probe(model, activations, sums[graph])
         del model
+    step(f"GPTQ: calibration images (fp32), Hessians of {sum(len(s.names) for s in sums.values())} MatMul inputs of {', '.join(probes)}")
+    calibrate(onnx_dir, pixels, probes)
+    del probes
+    measured = {graph: found.sums for graph, found in sums.items()}
     return {name: measured[graph] for name, graph in graphs.items()}
 
 
