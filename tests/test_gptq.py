@@ -128,3 +128,34 @@ def test_hessian_sums_are_the_gram_matrix_of_every_row_of_every_run() -> None:
     rows = np.concatenate([run.reshape(-1, K) for run in runs]).astype(np.float64)
     np.testing.assert_allclose(sums.sums["x"], rows.T @ rows, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(sums.sums["twice"], 4 * rows.T @ rows, rtol=1e-5, atol=4e-4)
+
+
+@pytest.mark.parametrize("block", [8, 32])
+@pytest.mark.parametrize(("act_order", "clip"), [(False, False), (True, False), (False, True), (True, True)])
+def test_batched_updates_give_the_codes_of_the_row_by_row_algorithm(block: int, act_order: bool, clip: bool) -> None:
+    """round_weight's lazy batches and runs (LAZY_ROWS, SUB_ROWS) are speed only: over several
+    batches, the codes of GPTQ as the paper states it, each row's error moved onto every row
+    after it at once."""
+    k, n = 320, 40
+    x = np.random.default_rng(6).standard_normal((2000, k)) @ (np.random.default_rng(7).standard_normal((k, k)) * 0.2 + np.eye(k))
+    hessian, weight = x.T @ x, np.random.default_rng(8).standard_normal((k, n)).astype(np.float32)
+    got = gptq.round_weight(weight, hessian, 4, False, block, act_order=act_order, clip=clip)
+
+    h = hessian + gptq.DAMPING * np.mean(np.diag(hessian)) * np.eye(k)
+    energy = np.diag(h)
+    order = np.argsort(-energy, kind="stable") if act_order else np.arange(k)
+    upper = np.linalg.cholesky(np.linalg.inv(h[np.ix_(order, order)])).T
+    w = weight.astype(np.float64)[order]
+    if act_order:
+        scales, zeros = gptq._grid(weight.astype(np.float64).reshape(k // block, block, n), 4, False, energy.reshape(k // block, block) if clip else None)
+    else:
+        scales, zeros = np.zeros((k // block, n)), np.zeros((k // block, n))
+    codes = np.zeros((k, n), np.uint8)
+    for row in range(k):
+        if not act_order and row % block == 0:
+            scales[row // block], zeros[row // block] = gptq._grid(w[row : row + block], 4, False, energy[row : row + block] if clip else None)
+        b = order[row] // block
+        code = np.clip(np.round(w[row] / np.where(scales[b] == 0, 1.0, scales[b])) + zeros[b], 0, 15)
+        codes[order[row]] = code
+        w[row:] -= np.outer(upper[row, row:], (w[row] - (code - zeros[b]) * scales[b]) / upper[row, row])
+    assert np.array_equal(got.codes, codes)

@@ -113,9 +113,10 @@ def calibrate(onnx_dir: Path, pixels: np.ndarray, probes: Mapping[str, Probe], t
     passes, not the caption's own greedy steps.
 
     One pass per image holds every position's activations without a growing cache of past keys
-    and values. The graph of the cached steps sees none of these passes; it has the same weights
-    and tensor names (decoder_graphs). Each probed graph runs once per pass: the values it
-    records are those of the run the calibration needs anyway.
+    and values. Where the cached steps have a graph of their own (distilvit's language_model),
+    it is rounded against these first passes: the same weights and tensor names
+    (decoder_graphs). Each probed graph runs once per pass: the values it records are those of
+    the run the calibration needs anyway.
 
     Raises:
         BundleError: the fp32 bundle cannot be opened.
