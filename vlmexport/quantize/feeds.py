@@ -161,12 +161,12 @@ class Probe:
     the values of `names` to `sink`, in that order. One graph, one run: probing adds outputs,
     not passes."""
 
-    def __init__(self, model: onnx.ModelProto, names: list[str], sink: Callable[[list[np.ndarray]], None]) -> None:
+    def __init__(self, model: onnx.ModelProto, names: list[str], sink: Callable[[list[np.ndarray]], None], spin: bool = True) -> None:
         probed = onnx.ModelProto()
         probed.CopyFrom(model)
         self.outputs = [o.name for o in model.graph.output]
         probed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in self.outputs)
-        self.session = session(probed.SerializeToString())
+        self.session = session(probed.SerializeToString(), spin=spin)  # spin: as the plain session would (runtime.bundle.RUN_ONCE)
         del probed
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.names, self.sink, self.recording = list(names), sink, False

@@ -31,6 +31,7 @@ from vlmexport.quantize import fp16, gptq, integer, smooth
 from vlmexport.quantize.blockwise import BlockwiseRecipe, quantize_blockwise, quantize_embedding_table
 from vlmexport.quantize.feeds import CALIBRATION_TOKENS, Probe, calibrate, calibration_images
 from vlmexport.quantize.optimize import optimize_graph
+from vlmexport.runtime.bundle import RUN_ONCE
 
 MODES = ("int8", "uint8", "fp16", "q4")
 # What each mode is inside, chosen by measurement on the real-weights model (vlmexport.quantize's
@@ -464,8 +465,10 @@ def _hessians(
         activations = sorted({n.input[0] for n in rounded})
         sums[graph] = gptq.HessianSums(activations)
         if activations:  # else every MatMul is kept float (int8's projection)
-            probes[graph] = Probe(model, activations, sums[graph])
+            probes[graph] = Probe(model, activations, sums[graph], spin=graph not in RUN_ONCE)
         del model
+    if not probes:  # nothing to round by GPTQ (int8's projection alone): no calibration to run
+        return {name: {} for name in graphs}
     step(f"GPTQ: calibration images (fp32), Hessians of {sum(len(s.names) for s in sums.values())} MatMul inputs of {', '.join(probes)}")
     calibrate(onnx_dir, pixels, probes)
     del probes
