@@ -175,7 +175,7 @@ class Probe:
         wanted = self.outputs if outputs is None else list(outputs)
         extra = self.names if self.recording else []
         values = self.session.run(wanted + extra, {k: v for k, v in feeds.items() if k in self.inputs})
-        if extra:
+        if self.recording:
             self.sink(values[len(wanted) :])
         return values[: len(wanted)]
 
