@@ -123,7 +123,7 @@ def test_decode_floor_times_the_steps_own_weight_matmuls_and_attention(export_ti
 
 
 def test_matmul_rows_times_every_variants_weight_matmuls_at_each_row_count(export_tiny, tmp_path, capsys) -> None:
-    # bench/matmul_rows.py: the evidence behind "on AVX2 int8 is slower than fp32" (README).
+    # bench/matmul_rows.py: the evidence behind "on AVX2 int8 is slower than fp32" (README, docs/fidelity.md).
     import shutil
     import sys
     from pathlib import Path
@@ -162,7 +162,7 @@ def test_matmul_rows_times_every_variants_weight_matmuls_at_each_row_count(expor
 
 
 def test_text_fidelity_teacher_forces_every_variant_on_prose_chunks(export_tiny, tmp_path, capsys) -> None:
-    # bench/text_fidelity.py: the evidence behind "on English text int8 meets the 0.01 goal" (README).
+    # bench/text_fidelity.py: the evidence behind "on English text int8 meets the 0.01 goal" (docs/fidelity.md).
     import shutil
     import sys
     from pathlib import Path
