@@ -192,6 +192,56 @@ def test_a_graph_whose_signature_differs_from_the_manifest_exits_2(bundle, tmp_p
     assert code == 2 and "projection.onnx" in err and "outputs differ" in err
 
 
+def _edited(path: Path, edit: Callable[[dict], object]) -> None:
+    data = json.loads(path.read_text())
+    replaced = edit(data)
+    path.write_text(json.dumps(replaced if isinstance(replaced, list) else data))  # a list: the whole document replaced
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda d: [], "schema none"),
+        (lambda d: d.update(files=None), "files is NoneType"),
+        (lambda d: d["files"].pop("projection.onnx"), "which files does not list"),
+        (lambda d: d["variants"]["fp32"].update(projection="../../etc/passwd"), "which files does not list"),
+        (lambda d: d["files"].update({"../outside.onnx": {"size": 1, "sha256": "0"}}), "outside the bundle"),
+        (lambda d: d["model"].update(num_layers="two"), "model.num_layers"),
+    ],
+)
+@pytest.mark.parametrize("command", ["inspect", "caption"])
+def test_a_damaged_manifest_is_one_line_with_exit_2_in_every_command(bundle, tmp_path: Path, capfd, edit, words: str, command: str) -> None:
+    _, bundle_dir = bundle("distilvit")
+    _edited(bundle_dir / MANIFEST_NAME, edit)
+    image = _image(tmp_path)
+    args = ["inspect", str(bundle_dir)] if command == "inspect" else ["caption", "--onnx-dir", str(bundle_dir), str(image)]
+    assert main(args) == 2
+    err = capfd.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_a_manifest_whose_layers_are_not_the_graphs_is_named_before_any_run(bundle, tmp_path: Path, capfd) -> None:
+    _, bundle_dir = bundle("distilvit")
+    _edited(bundle_dir / MANIFEST_NAME, lambda d: d["model"].update(num_layers=d["model"]["num_layers"] + 1))
+    assert main(["caption", "--onnx-dir", str(bundle_dir), str(_image(tmp_path))]) == 2
+    err = capfd.readouterr().err
+    assert "takes the past of" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(("variant", "words"), [("int4", "use one of fp32, int8"), ("int8", "vlmexport quantize --mode int8")])
+def test_a_variant_the_bundle_lacks_is_named_with_a_fix_that_works(bundle, tmp_path: Path, capfd, variant: str, words: str) -> None:
+    _, bundle_dir = bundle("distilvit")
+    assert main(["caption", "--onnx-dir", str(bundle_dir), "--variant", variant, str(_image(tmp_path))]) == 2
+    err = capfd.readouterr().err
+    assert words in err and "--mode int4" not in err, err
+
+
+def _image(tmp_path: Path) -> Path:
+    path = tmp_path / "image.png"
+    sample_images(1)[0].save(path)
+    return path
+
+
 def add_variant(bundle_dir: Path, variant: str) -> None:
     """Register copies of the fp32 graphs as `variant`, as quantize registers its files."""
     manifest = read_manifest(bundle_dir)
@@ -328,3 +378,21 @@ def test_check_refuses_a_full_range_int8_graph_naming_the_node(bundle, monkeypat
     quantize_bundle(bundle_dir, "int8", verify=False, recipe="dynamic", force=True)
     _, report, _ = run_check(tmp_path, capsys, bundle_dir, "--variant", "int8")
     assert report["portability"] and all(p["passed"] for p in report["portability"]), report["portability"]
+
+
+def test_site_refuses_a_layout_its_page_cannot_run(bundle, tmp_path: Path, capfd) -> None:
+    _, bundle_dir = bundle("transformers.js")
+    assert main(["site", "--onnx-dir", str(bundle_dir), "--output-dir", str(tmp_path / "site")]) == 2
+    err = capfd.readouterr().err
+    assert "not transformers.js" in err and "--layout distilvit" in err and not (tmp_path / "site").exists(), err
+
+
+def test_the_sites_layouts_are_the_ones_its_page_reads() -> None:
+    import re
+
+    from vlmexport.resources import web_dir
+    from vlmexport.site.build import PAGE_LAYOUTS
+
+    source = (web_dir() / "prefix_vlm.js").read_text()
+    block = source[source.index("const LAYOUTS = {") : source.index("};", source.index("const LAYOUTS = {"))]
+    assert tuple(re.findall(r"^\s+(\w+): \[", block, re.M)) == PAGE_LAYOUTS

@@ -180,6 +180,11 @@ def test_missing_image_is_named(tiny_checkpoint, tmp_path, capfd):
     assert_one_line_error(code, err, ["gone.png", "does not exist"])
 
 
+def test_a_folder_passed_as_an_image_points_at_folder_captioning(tiny_checkpoint, tmp_path, capfd):
+    code, _, err = run(["caption", "--model-dir", str(tiny_checkpoint), str(tmp_path)], capfd)
+    assert_one_line_error(code, err, ["is a folder", "--images DIR --output"])
+
+
 def test_truncated_image_file_is_named(tiny_checkpoint, tmp_path, capfd):
     path = tmp_path / "cut.png"
     sample_images(1, 64)[0].save(path)

@@ -90,10 +90,13 @@ class Manifest:
             BundleError: the variant is not in the bundle.
         """
         if variant not in self.variants:
-            raise BundleError(
-                f"variant {variant!r} is not in this bundle (it has {', '.join(self.variants)})",
-                f"run `vlmexport quantize --mode {variant}` first, or pick a variant it has",
-            )
+            if variant not in VARIANTS:
+                fix = f"use one of {', '.join(VARIANTS)}"
+            elif variant == "fp32":
+                fix = "re-run `vlmexport export`: every bundle has fp32"
+            else:
+                fix = f"run `vlmexport quantize --mode {variant}` first, or pick a variant it has"
+            raise BundleError(f"variant {variant!r} is not in this bundle (it has {', '.join(self.variants) or 'none'})", fix)
         return self.variants[variant][component]
 
     def variant_bytes(self, variant: str) -> int:
@@ -141,9 +144,10 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         raise BundleError(f"{path} is missing", "re-run `vlmexport export`; vlmexport only reads bundles it wrote")
     try:
         data = json.loads(path.read_text())
-        if data.get("schema_version") != SCHEMA_VERSION or data.get("layout") not in LAYOUTS:
-            raise ValueError(f"schema {data.get('schema_version')}, layout {data.get('layout')}")
-        return Manifest(
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION or data.get("layout") not in LAYOUTS:
+            found = (data.get("schema_version"), data.get("layout")) if isinstance(data, dict) else ("none", "none")
+            raise ValueError(f"schema {found[0]}, layout {found[1]}")
+        manifest = Manifest(
             layout=data["layout"],
             opset=int(data["opset"]),
             model=data["model"],
@@ -152,8 +156,41 @@ def read_manifest(bundle_dir: Path) -> Manifest:
             variants=data["variants"],
             checks=data.get("checks", {}),
         )
+        _check_structure(manifest)
+        return manifest
     except (ValueError, KeyError, TypeError) as exc:
-        raise BundleError(f"{path} is not a vlmexport manifest ({exc})", "re-run `vlmexport export`") from exc
+        raise BundleError(f"{path} is not a vlmexport manifest ({exc})", "re-run `vlmexport export`, or restore the bundle's vlmexport.json") from exc
+
+
+# The model fields every runtime reads as counts (bundle.Bundle, captioner, bench).
+MODEL_COUNTS = ("num_layers", "kv_heads", "head_dim", "embed_dim", "prefix_length", "max_length")
+
+
+def _check_structure(manifest: Manifest) -> None:
+    """What the commands index into is there and of its kind, so a hand-edited or damaged
+    manifest is one line naming what is wrong, not a traceback further on. Every graph a variant
+    names must be a listed file: an unlisted one would never be hashed.
+
+    Raises:
+        ValueError, TypeError: naming the first field that is not what vlmexport writes.
+    """
+    for name, value in (("model", manifest.model), ("versions", manifest.versions), ("files", manifest.files), ("variants", manifest.variants), ("checks", manifest.checks)):
+        if not isinstance(value, dict):
+            raise TypeError(f"{name} is {type(value).__name__}, not an object")
+    for key in MODEL_COUNTS:
+        if type(manifest.model.get(key)) is not int or manifest.model[key] < 0:
+            raise ValueError(f"model.{key} is {manifest.model.get(key)!r}, not a count")
+    for relative, info in manifest.files.items():
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise ValueError(f"file {relative!r} is outside the bundle")
+        if not isinstance(info, dict) or type(info.get("size")) is not int or not isinstance(info.get("sha256"), str):
+            raise ValueError(f"file {relative!r} has no size and sha256")
+    for variant, components in manifest.variants.items():
+        if not isinstance(components, dict) or not components:
+            raise ValueError(f"variant {variant!r} names no graphs")
+        for component, relative in components.items():
+            if relative not in manifest.files:
+                raise ValueError(f"variant {variant!r} names {component} {relative!r}, which files does not list")
 
 
 def verify_files(bundle_dir: Path, manifest: Manifest, only: list[str] | None = None) -> None:

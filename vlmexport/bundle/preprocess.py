@@ -247,6 +247,8 @@ def open_image(path: Path | str) -> Image.Image:
         ImageError: missing file, not an image of an accepted format, or a decompression bomb.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path} is a folder, not an image", "caption a folder with `--images DIR --output captions.jsonl`")
     if not path.is_file():
         raise ImageError(f"image {path} does not exist", "pass paths to existing image files")
     return load_image(path, str(path))

@@ -149,4 +149,20 @@ def open_bundle(bundle_dir: Path | str, variant: str = "fp32", threads: int | No
         if not path.is_file():
             raise BundleError(f"{relative} is missing from the bundle", "re-run `vlmexport export`")
         sessions[component] = session(path, threads, spin=component not in RUN_ONCE)
+        _check_layers(sessions[component], relative, manifest)
     return Bundle(bundle_dir, manifest, variant, sessions)
+
+
+def _check_layers(graph: ort.InferenceSession, relative: str, manifest: Manifest) -> None:
+    """A graph's cache inputs are the manifest's layers: the runtime feeds one past per layer it
+    reads there, and onnxruntime would otherwise fail mid-caption with a traceback.
+
+    Raises:
+        BundleError: the graph's layers and the manifest's num_layers differ.
+    """
+    layers = {name.split(".")[1] for name in (i.name for i in graph.get_inputs()) if name.startswith("past_key_values.")}
+    if layers and len(layers) != manifest.model["num_layers"]:
+        raise BundleError(
+            f"{relative} takes the past of {len(layers)} layers but the manifest says num_layers {manifest.model['num_layers']}",
+            "re-export the bundle, or restore its vlmexport.json",
+        )

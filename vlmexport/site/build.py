@@ -41,6 +41,9 @@ HEADERS = """/*
 """
 
 
+PAGE_LAYOUTS = ("distilvit", "compact")  # web/prefix_vlm.js' LAYOUTS
+
+
 @dataclass(frozen=True)
 class SiteResult:
     path: Path
@@ -60,7 +63,13 @@ def build_site(onnx_dir: Path, output_dir: Path, force: bool = False, webgpu: bo
     """
     onnx_dir, output_dir = Path(onnx_dir), Path(output_dir)
     manifest = read_manifest(onnx_dir)
-    verify_files(onnx_dir, manifest)  # a site must never publish a bundle its own page would reject
+    # A site must never publish a bundle its own page would reject: prefix_vlm.js reads these layouts.
+    if manifest.layout not in PAGE_LAYOUTS:
+        raise UsageError(
+            f"the page runs the {' and '.join(PAGE_LAYOUTS)} layouts, not {manifest.layout} (@huggingface/transformers loads that one itself)",
+            f"export with --layout {PAGE_LAYOUTS[0]} for a site",
+        )
+    verify_files(onnx_dir, manifest)
     sources = _page_sources(webgpu)
     with atomic_output_dir(output_dir, force) as tmp:
         for relative, source in sources.items():
