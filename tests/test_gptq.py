@@ -159,3 +159,46 @@ def test_batched_updates_give_the_codes_of_the_row_by_row_algorithm(block: int, 
         codes[order[row]] = code
         w[row:] -= np.outer(upper[row, row:], (w[row] - (code - zeros[b]) * scales[b]) / upper[row, row])
     assert np.array_equal(got.codes, codes)
+
+
+def test_eleven_significant_bits_are_float16_at_any_power_of_two() -> None:
+    values = np.random.default_rng(4).standard_normal(2000) * np.logspace(-6, 3, 2000)
+    rounded = gptq.round_significand(values, 11)
+    for exponent in (0, 7, 20):
+        scaled = rounded * 2.0**exponent
+        normal = np.abs(scaled) >= np.finfo(np.float16).smallest_normal
+        normal &= np.abs(scaled) <= np.finfo(np.float16).max
+        assert normal.sum() > 500
+        assert np.array_equal(scaled[normal].astype(np.float16).astype(np.float64), scaled[normal])
+    assert np.array_equal(gptq.round_significand(values, None), values)
+    assert np.max(np.abs(rounded / values - 1)) <= 2.0**-11
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), GRIDS)
+def test_float16_scales_compute_exactly_what_the_float32_scales_gptq_chose_for(bits: int, symmetric: bool) -> None:
+    """GPTQ rounds against float16-precision scales; stored as float16 behind a Cast and a Mul, the
+    graph computes bit for bit what it computed with them in float32, from fewer bytes."""
+    from vlmexport.quantize.blockwise import store_scales_half
+
+    weight, calibration, unseen = _weight() * 1e-3, _inputs(2000, 1), _inputs(50, 2)  # small weights: the power of two matters
+    model = _matmul(weight)
+    gptq.replace_matmuls(model, {"x": calibration.T.astype(np.float64) @ calibration}, {"mm": (bits, symmetric)}, BLOCK, 4, scale_bits=11)
+    before = session(model.SerializeToString()).run(None, {"x": unseen})[0]
+    scales = {i.name: i.ByteSize() for i in model.graph.initializer}["w_scales"]
+    assert store_scales_half(model) == [f"mm_Q{bits}"]
+    half = [i for i in model.graph.initializer if i.name == "w_scales_float16"]
+    assert [i.data_type for i in half] == [onnx.TensorProto.FLOAT16] and half[0].ByteSize() < scales / 2 + 32
+    after = session(model.SerializeToString()).run(None, {"x": unseen})[0]
+    assert np.array_equal(after, before)
+    assert store_scales_half(model) == []  # stored once
+
+
+def test_scales_beyond_float16s_range_stay_float32() -> None:
+    from vlmexport.quantize.blockwise import store_scales_half
+
+    weight = _weight()
+    weight[:BLOCK, 0] *= 1e-10  # one block 2^33 below the others
+    model = _matmul(weight)
+    gptq.replace_matmuls(model, {"x": np.eye(K)}, {"mm": (8, True)}, BLOCK, 4, scale_bits=11)
+    assert store_scales_half(model) == []
+    assert all(i.data_type != onnx.TensorProto.FLOAT16 for i in model.graph.initializer)

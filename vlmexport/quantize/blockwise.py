@@ -70,6 +70,10 @@ class BlockwiseRecipe:
     # How the weights of those nodes are stored: "float16" (cast to float32 at load: computed in
     # float32, half the bytes) or "float32".
     kept_storage: Literal["float32", "float16"] = "float32"
+    # How MatMulNBits' scales are stored: "float16" (each tensor times a power of two, cast back to
+    # float32 and scaled at load; GPTQ rounds its codes against the float16 scales; store_scales_half)
+    # or "float32", as onnxruntime's quantizer writes them.
+    scale_storage: Literal["float32", "float16"] = "float32"
 
     def describe(self) -> str:
         stored = " (stored float16)" if self.kept_storage == "float16" else ""
@@ -113,13 +117,15 @@ def quantize_blockwise(
         # embeddings, whose error H (the head's inputs) says nothing about.
         heads = {name for table in tables for name in table.matmul_nodes}
         grids = {name: ((8, True) if name in high else (recipe.bits, recipe.symmetric)) for name in matmuls if name not in heads}
-        rounded = gptq.replace_matmuls(model, hessians, grids, recipe.block_size, recipe.accuracy_level, recipe.act_order, recipe.clip)
+        scale_bits = FLOAT16_SIGNIFICAND if recipe.scale_storage == "float16" else None
+        rounded = gptq.replace_matmuls(model, hessians, grids, recipe.block_size, recipe.accuracy_level, recipe.act_order, recipe.clip, scale_bits)
     if high:
         model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, recipe.accuracy_level), 8, exclude, include=[n for n in high if n not in rounded])
     model = _nbits(model, recipe, recipe.bits, exclude, include=None)
     shared_ok = [_gather_from_head(model, table) for table in tables]
     shared.store_shared_weights_once(model)  # an excluded head's float table: once again
     halved = _store_half(model, kept) if recipe.kept_storage == "float16" else []
+    half_scales = store_scales_half(model) if recipe.scale_storage == "float16" else []
     described = recipe if rounded or recipe.algorithm != "gptq" else dataclasses.replace(recipe, algorithm="rtn")
     record = {
         "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer" + (f" (GPTQ's codes for {len(rounded)} nodes: vlmexport.quantize.gptq)" if rounded else ""),
@@ -130,6 +136,11 @@ def quantize_blockwise(
         "excluded": sorted(exclude),
         "eight_bit_nodes": high,
         "float16_stored_nodes": halved,
+        "scales": (
+            f"float16 for {len(half_scales)} MatMulNBits (a power of two per tensor, cast to float32 at load)"
+            if recipe.scale_storage == "float16"
+            else "float32"
+        ),
     }
     return model, record
 
@@ -143,22 +154,67 @@ def _store_half(model: onnx.ModelProto, nodes: set[str]) -> list[str]:
     onnxruntime folds a Cast of an initializer into a float32 constant when the session starts
     (so does onnxruntime-web), so no run pays for it. Returns the nodes whose weights moved.
     """
-    graph = model.graph
     weights = shared.private_weights(model)
     halved = []
-    for node in list(graph.node):
+    for node in list(model.graph.node):
         init = weights.get(node.name)
         if node.name not in nodes or init is None or init.data_type != onnx.TensorProto.FLOAT:
             continue  # not a constant of its own (a shared table stays as it is)
-        name = node.input[1]
         values = numpy_helper.to_array(init)
         if np.abs(values).max() >= np.finfo(np.float16).max / 2:
             continue  # float16 cannot hold it (no such weight measured; outlier migration scales weights up)
-        graph.initializer.remove(init)
-        graph.initializer.append(numpy_helper.from_array(values.astype(np.float16), f"{name}_float16"))
-        graph.node.insert(list(graph.node).index(node), helper.make_node("Cast", [f"{name}_float16"], [name], name=f"{node.name}_weight_cast", to=onnx.TensorProto.FLOAT))
+        _as_float16(model.graph, init, values, 0)
         halved.append(node.name)
     return sorted(halved)
+
+
+FLOAT16_SIGNIFICAND = 11  # float16's significant bits (10 stored, one implied)
+
+
+def store_scales_half(model: onnx.ModelProto) -> list[str]:
+    """Store every MatMulNBits' float32 scales as float16 times a power of two (one per tensor,
+    so the largest lands near 2^14), behind a Cast and a Mul back: half the scales' bytes —
+    at 4 bits in blocks of 32 a fifth of the weights' bytes, at 8 bits a ninth.
+
+    Exact for scales of FLOAT16_SIGNIFICAND significant bits (GPTQ chooses its codes against
+    such scales): the power of two moves them into float16's normal range, the Mul back is exact
+    in float32. Scales rounded to nearest by onnxruntime's quantizer (a tied head) move by at
+    most 2^-12 of themselves, a twentieth of a code's rounding at 8 bits. A tensor whose scales
+    span more than float16's normal range (2^30) stays float32. onnxruntime (and onnxruntime-web)
+    fold the Cast and the Mul into float32 constants when the session starts. Returns the nodes
+    whose scales moved.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    halved = []
+    for node in list(model.graph.node):
+        init = inits.get(node.input[2]) if node.op_type == "MatMulNBits" else None
+        if init is None or init.data_type != onnx.TensorProto.FLOAT:
+            continue  # no scales of its own, or already stored
+        values = numpy_helper.to_array(init)
+        magnitudes = np.abs(values[values != 0])
+        if magnitudes.size == 0:
+            continue
+        exponent = 14 - int(np.ceil(np.log2(magnitudes.max())))
+        if magnitudes.min() * 2.0**exponent < np.finfo(np.float16).smallest_normal:
+            continue
+        _as_float16(model.graph, init, values, exponent)
+        halved.append(node.name)
+    return sorted(halved)
+
+
+def _as_float16(graph: onnx.GraphProto, init: onnx.TensorProto, values: np.ndarray, exponent: int) -> None:
+    """Replace float32 initializer `init` (`values`) by float16 `values` × 2^`exponent` behind a
+    Cast (and a Mul by 2^-`exponent`) that gives back a float32 tensor of its name."""
+    name = init.name
+    graph.initializer.remove(init)
+    graph.initializer.append(numpy_helper.from_array((values * 2.0**exponent).astype(np.float16), f"{name}_float16"))
+    cast = f"{name}_cast" if exponent else name
+    nodes = [helper.make_node("Cast", [f"{name}_float16"], [cast], name=f"{name}_to_float32", to=onnx.TensorProto.FLOAT)]
+    if exponent:
+        graph.initializer.append(numpy_helper.from_array(np.array(2.0**-exponent, np.float32), f"{name}_unscale"))
+        nodes.append(helper.make_node("Mul", [cast, f"{name}_unscale"], [name], name=f"{name}_unscaled"))
+    for position, node in enumerate(nodes):
+        graph.node.insert(position, node)
 
 
 PROBE = "embedding_table_probe"

@@ -103,7 +103,14 @@ def rescaled(hessians: Mapping[str, np.ndarray], factors: Mapping[str, np.ndarra
 
 
 def round_weight(
-    weight: np.ndarray, hessian: np.ndarray, bits: int, symmetric: bool, block_size: int, act_order: bool = False, clip: bool = False
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    bits: int,
+    symmetric: bool,
+    block_size: int,
+    act_order: bool = False,
+    clip: bool = False,
+    scale_bits: int | None = None,
 ) -> Rounded:
     """`weight` [K, N] (K a multiple of `block_size`) rounded by GPTQ against `hessian` [K, K].
     With H = I (and neither option) no error moves and this is round-to-nearest, code for code.
@@ -113,6 +120,8 @@ def round_weight(
     block's scale is then fixed up front from the weights as given ("static groups"), since
     MatMulNBits' blocks are runs of rows in storage order. `clip`: each block's range is the one
     of CLIP_SHRINKS × its extremes that rounds the block with the least H-diagonal-weighted error.
+    `scale_bits`: each scale rounded to that many significant bits (11: float16's) before any
+    code is chosen against it, so a scale stored in float16 is the one the codes were rounded for.
     """
     w = weight.astype(np.float64).copy()
     k, n = w.shape
@@ -132,7 +141,7 @@ def round_weight(
     top = 2**bits - 1
     if act_order:  # static groups: every block's grid from the weights before any update
         blocks = weight.astype(np.float64).reshape(k // block_size, block_size, n)
-        scales, zeros = _grid(blocks, bits, symmetric, energy.reshape(k // block_size, block_size) if clip else None)
+        scales, zeros = _grid(blocks, bits, symmetric, energy.reshape(k // block_size, block_size) if clip else None, scale_bits)
     lazy = block_size * max(1, LAZY_ROWS // block_size)  # whole blocks, so a block's scale sees its rows
     sub = math.gcd(SUB_ROWS, block_size)  # runs that never straddle a block's first row
     for start in range(0, k, lazy):
@@ -145,7 +154,7 @@ def round_weight(
                 row = start + i
                 if not act_order and row % block_size == 0:  # the block's scale from its rows as they now stand
                     b = row // block_size
-                    scales[b], zeros[b] = _grid(part[i : i + block_size], bits, symmetric, energy[row : row + block_size] if clip else None)
+                    scales[b], zeros[b] = _grid(part[i : i + block_size], bits, symmetric, energy[row : row + block_size] if clip else None, scale_bits)
                 b = order[row] // block_size
                 scale, zero = scales[b], zeros[b]
                 code = np.clip(np.round(part[i] / np.where(scale == 0, 1.0, scale)) + zero, 0, top)
@@ -171,23 +180,36 @@ def inverse_factor(hessian: np.ndarray) -> np.ndarray:
     return torch.linalg.solve_triangular(flipped, identity, upper=True).numpy()
 
 
-def _grid(block: np.ndarray, bits: int, symmetric: bool, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _grid(
+    block: np.ndarray, bits: int, symmetric: bool, weights: np.ndarray | None = None, scale_bits: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per column of `block` (rows × columns, or blocks × rows × columns), MLAS' scale and zero
     point (onnxruntime's MatMulNBits quantizer); given `weights` (one per row), the range shrunk
-    by the CLIP_SHRINKS factor that rounds the column with the least weighted squared error."""
+    by the CLIP_SHRINKS factor that rounds the column with the least weighted squared error;
+    given `scale_bits`, each scale rounded to that many significant bits (round_significand)."""
     extremes = _extremes(block, symmetric)  # once: every shrink scales the same ones
     if weights is None:
-        return _grid_at(extremes, bits, symmetric, 1.0)
+        return _grid_at(extremes, bits, symmetric, 1.0, scale_bits)
     columns = block.shape[:-2] + block.shape[-1:]
     best_error, best_scale, best_zero = np.full(columns, np.inf), np.zeros(columns), np.zeros(columns)
     for shrink in CLIP_SHRINKS:
-        scale, zero = _grid_at(extremes, bits, symmetric, shrink)
+        scale, zero = _grid_at(extremes, bits, symmetric, shrink, scale_bits)
         step, middle = scale[..., None, :], zero[..., None, :]
         codes = np.clip(np.round(block / np.where(step == 0, 1.0, step)) + middle, 0, 2**bits - 1)
         error = np.einsum("...r,...rc->...c", weights, (block - (codes - middle) * step) ** 2)
         better = error < best_error
         best_error, best_scale, best_zero = np.where(better, error, best_error), np.where(better, scale, best_scale), np.where(better, zero, best_zero)
     return best_scale, best_zero
+
+
+def round_significand(values: np.ndarray, bits: int | None) -> np.ndarray:
+    """`values` rounded to `bits` significant bits (half to even; None: as they are). With 11,
+    float16's, any power-of-two multiple of the result in float16's normal range is exactly a
+    float16 (blockwise.store_scales_half stores scales so)."""
+    if bits is None:
+        return values
+    mantissa, exponent = np.frexp(values)
+    return np.ldexp(np.round(mantissa * 2.0**bits) / 2.0**bits, exponent)
 
 
 def _extremes(block: np.ndarray, symmetric: bool) -> tuple[np.ndarray, ...]:
@@ -199,12 +221,12 @@ def _extremes(block: np.ndarray, symmetric: bool) -> tuple[np.ndarray, ...]:
     return np.minimum(block.min(axis=-2), 0.0), np.maximum(block.max(axis=-2), 0.0)
 
 
-def _grid_at(extremes: tuple[np.ndarray, ...], bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+def _grid_at(extremes: tuple[np.ndarray, ...], bits: int, symmetric: bool, shrink: float, scale_bits: int | None) -> tuple[np.ndarray, np.ndarray]:
     if symmetric:
         peak = extremes[0] * shrink
-        return peak / -(2 ** (bits - 1)), np.full(peak.shape, 2 ** (bits - 1), np.float64)
+        return round_significand(peak / -(2 ** (bits - 1)), scale_bits), np.full(peak.shape, 2 ** (bits - 1), np.float64)
     low, high = extremes[0] * shrink, extremes[1] * shrink
-    scale = (high - low) / (2**bits - 1)  # 0 for an all-zero block, as onnxruntime stores it
+    scale = round_significand((high - low) / (2**bits - 1), scale_bits)  # 0 for an all-zero block, as onnxruntime stores it
     zero = np.clip(np.round(-low / np.where(scale == 0, 1.0, scale)), 0, 2**bits - 1)
     return scale, zero
 
@@ -246,10 +268,11 @@ def replace_matmuls(
     accuracy_level: int,
     act_order: bool = False,
     clip: bool = False,
+    scale_bits: int | None = None,
 ) -> list[str]:
     """Every MatMul named in `grids` (node name → bits, symmetric) whose weight is a constant of
     its own in whole blocks, and whose input has a Hessian, becomes a GPTQ-rounded MatMulNBits
-    (`act_order`, `clip`: see round_weight), in place. Returns the names replaced; the others are
+    (`act_order`, `clip`, `scale_bits`: see round_weight), in place. Returns the names replaced; the others are
     left for round-to-nearest."""
     graph = model.graph
     weights = private_weights(model)
@@ -261,7 +284,7 @@ def replace_matmuls(
         if hessians[node.input[0]].shape != (init.dims[0], init.dims[0]):
             continue  # a same-named tensor of another width (another graph's): not this node's inputs
         bits, symmetric = grids[node.name]
-        rounded = round_weight(numpy_helper.to_array(init), hessians[node.input[0]], bits, symmetric, block_size, act_order, clip)
+        rounded = round_weight(numpy_helper.to_array(init), hessians[node.input[0]], bits, symmetric, block_size, act_order, clip, scale_bits)
         new, new_inits = matmul_nbits(node, rounded, accuracy_level)
         graph.node.insert(list(graph.node).index(node), new)
         graph.node.remove(node)

@@ -71,10 +71,10 @@ KEEP_FLOAT_Q4 = (*PREFIX_ENTRY, "/model/layers.0/mlp/*")
 # take more of the activations' outliers than α 0.4 (chosen with round-to-nearest) gave them.
 RECIPES: dict[str, BlockwiseRecipe] = {
     "int8": BlockwiseRecipe(
-        bits=8, symmetric=True, algorithm="gptq", act_order=True, clip=True, smooth_alpha=0.5, keep_fp32=KEEP_FP32_8BIT, kept_storage="float16"
+        bits=8, symmetric=True, algorithm="gptq", act_order=True, clip=True, smooth_alpha=0.5, keep_fp32=KEEP_FP32_8BIT, kept_storage="float16", scale_storage="float16"
     ),
     "uint8": BlockwiseRecipe(
-        bits=8, symmetric=False, algorithm="gptq", act_order=True, clip=True, smooth_alpha=0.5, keep_fp32=KEEP_FP32_8BIT, kept_storage="float16"
+        bits=8, symmetric=False, algorithm="gptq", act_order=True, clip=True, smooth_alpha=0.5, keep_fp32=KEEP_FP32_8BIT, kept_storage="float16", scale_storage="float16"
     ),
     # q4: decoder KL on the real-weights model (grid build): symmetric 4-bit 0.43, with down_proj
     # + head at 8 bits and outlier migration 0.21. On the dithered build, 32 image prefixes + text,
@@ -97,6 +97,7 @@ RECIPES: dict[str, BlockwiseRecipe] = {
         clip=True,
         keep_fp32=KEEP_FLOAT_Q4,
         kept_storage="float16",
+        scale_storage="float16",
     ),
 }
 # `--recipe hqq` (q4): the decoder by HQQ with the tied head at 8 bits, no outlier migration (it
@@ -130,8 +131,8 @@ HQQ_RECIPES: dict[str, BlockwiseRecipe] = {
 # clipped ranges 0.096 → 0.075; int8's act-order + clipped ranges 0.0062 → 0.0088 (one knife edge
 # more; the other positions 0.0036 → 0.0031), so int8's encoders keep plain GPTQ.
 ENCODER_RECIPES: dict[str, BlockwiseRecipe] = {
-    "int8": BlockwiseRecipe(bits=8, symmetric=False, algorithm="gptq", keep_fp32=KEEP_FP32_8BIT, kept_storage="float16"),
-    "q4": BlockwiseRecipe(bits=4, symmetric=True, algorithm="gptq", clip=True, keep_fp32=KEEP_FLOAT_Q4, kept_storage="float16"),
+    "int8": BlockwiseRecipe(bits=8, symmetric=False, algorithm="gptq", keep_fp32=KEEP_FP32_8BIT, kept_storage="float16", scale_storage="float16"),
+    "q4": BlockwiseRecipe(bits=4, symmetric=True, algorithm="gptq", clip=True, keep_fp32=KEEP_FLOAT_Q4, kept_storage="float16", scale_storage="float16"),
 }
 ENCODERS = ("vision_encoder", "projection")
 RECIPE_NAMES = ("blockwise", "dynamic", "hqq")
