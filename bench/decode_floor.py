@@ -47,15 +47,19 @@ def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
     producers = {out: node for node in graph.node for out in node.output}
 
     def constant(name: str) -> np.ndarray | None:
-        """A stored tensor, the tied head's Transpose of one, or a kept node's float16 weights
-        cast back to float32 at load; None for an activation."""
+        """A stored tensor, the tied head's Transpose of one, or float16-stored weights or scales
+        cast back to float32 (and rescaled by a Mul) at load; None for an activation."""
         if name in inits:
             return numpy_helper.to_array(inits[name])
         node = producers.get(name)
-        source = constant(node.input[0]) if node is not None and node.op_type in ("Transpose", "Cast") else None
-        if source is None or node is None:
+        if node is None or node.op_type not in ("Transpose", "Cast", "Mul"):
             return None
-        return source.T if node.op_type == "Transpose" else source.astype(np.float32)
+        sources = [constant(i) for i in node.input]
+        if any(source is None for source in sources):
+            return None
+        if node.op_type == "Mul":
+            return (sources[0] * sources[1]).astype(np.float32)
+        return sources[0].T if node.op_type == "Transpose" else sources[0].astype(np.float32)
 
     nodes, initializers, outputs, widths = [], [], [], set()
     for index, node in enumerate(n for n in graph.node if n.op_type in ("MatMulInteger", "MatMul", "MatMulNBits")):
