@@ -179,9 +179,10 @@ def store_scales_half(model: onnx.ModelProto) -> list[str]:
     Exact for scales of FLOAT16_SIGNIFICAND significant bits (GPTQ chooses its codes against
     such scales): the power of two moves them into float16's normal range, the Mul back is exact
     in float32. Scales rounded to nearest by onnxruntime's quantizer (a tied head) move by at
-    most 2^-12 of themselves, a twentieth of a code's rounding at 8 bits. A tensor whose scales
-    span more than float16's normal range (2^30) stays float32. onnxruntime (and onnxruntime-web)
-    fold the Cast and the Mul into float32 constants when the session starts. Returns the nodes
+    most 2^-12 of themselves: at 8 bits a weight by at most 128 · 2^-12 of a step, a sixteenth of
+    its rounding's worst. A tensor whose scales span more than float16's normal range (2^30)
+    stays float32. onnxruntime (and onnxruntime-web) fold the Cast and the Mul into float32
+    constants when the session starts. Returns the nodes
     whose scales moved.
     """
     inits = {i.name: i for i in model.graph.initializer}
