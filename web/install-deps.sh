@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# Another apt (an unattended upgrade at boot, a parallel install) may hold dpkg's lock: wait for it.
 apt_install() {
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
