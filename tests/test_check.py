@@ -301,6 +301,14 @@ def test_bad_check_arguments_exit_2_with_one_line(pristine, tmp_path: Path, caps
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_folder_as_the_json_report_exits_2_before_checking(pristine, tmp_path: Path, capsys, monkeypatch) -> None:
+    ckpt, bundle_dir = pristine("distilvit")
+    monkeypatch.setattr("vlmexport.validate.check.check_bundle", lambda *a, **k: pytest.fail("checked before refusing --json"))
+    code = main(["check", "--onnx-dir", str(bundle_dir), "--model-dir", str(ckpt), "--json", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a folder" in err and "report.json" in err and len(err.strip().splitlines()) == 1
+
+
 def test_fp32_without_a_checkpoint_and_a_checkpoint_of_another_shape_exit_2(pristine, make_checkpoint, tmp_path: Path, capsys) -> None:
     _, bundle_dir = pristine("distilvit", "llama")
     code, _, err = run_check(tmp_path, capsys, bundle_dir)
