@@ -8,6 +8,7 @@ import asyncio
 import http.client
 import io
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -151,7 +152,7 @@ def test_uploads_over_the_limit_get_413_without_being_read(server: VlmServer, im
     assert post_caption(server, images[0].read_bytes())[0] == 200
 
 
-def test_post_without_length_gets_411_and_other_paths_404(server: VlmServer) -> None:
+def test_post_without_length_gets_411_other_paths_404_and_other_methods_405(server: VlmServer) -> None:
     connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
     connection.putrequest("POST", "/caption")
     connection.putheader("Transfer-Encoding", "chunked")
@@ -162,6 +163,10 @@ def test_post_without_length_gets_411_and_other_paths_404(server: VlmServer) -> 
     connection.close()
     status, _, data = request(server, "POST", "/upload", b"x", {"Content-Type": "image/png"})
     assert status == 404 and "POST images to /caption" in json.loads(data)["fix"]
+    status, headers, data = request(server, "GET", "/caption")
+    assert status == 405 and headers["allow"] == "POST" and "POST an image" in json.loads(data)["fix"]
+    status, headers, _ = request(server, "DELETE", "/health")
+    assert status == 405 and headers["allow"] == "GET, HEAD"
 
 
 def test_a_failure_inside_the_runtime_is_a_500_and_the_server_goes_on(server: VlmServer, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -245,6 +250,16 @@ def test_make_server_refuses_a_folder_without_a_bundle_and_a_busy_port(server: V
         make_server(tmp_path, "127.0.0.1", 0)
     with pytest.raises(UsageError, match="cannot listen on 127.0.0.1"):
         make_server(bundle, "127.0.0.1", server.server_address[1])
+
+
+def test_make_server_refuses_a_file_that_differs_from_its_manifest(bundle: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    graph = next(iter(sorted(copy.glob("*.onnx"))))
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 1
+    graph.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{graph.name} does not match its manifest sha256"):
+        make_server(copy, "127.0.0.1", 0)
 
 
 def test_serve_command_with_no_bundle_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

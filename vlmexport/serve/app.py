@@ -119,6 +119,10 @@ def create_app(service: CaptionService, hosts: HostPolicy, log: Callable[[str], 
         return HTMLResponse(docs_page(schema))
 
     async def static(request: Request) -> Response:
+        allowed = endpoints.get(request.url.path)
+        if allowed is not None:  # an endpoint asked with another method: 405 and what it takes (RFC 9110 §15.5.6)
+            how = "POST an image to /caption" if "POST" in allowed else f"use {' or '.join(allowed)} {request.url.path}"
+            return problem(HTTPStatus.METHOD_NOT_ALLOWED, f"{request.url.path} does not take {request.method}", how, headers={"Allow": ", ".join(allowed)})
         if request.method not in ("GET", "HEAD"):
             return problem(HTTPStatus.NOT_FOUND, f"no {request.method} endpoint {_printable(request.url.path)[:200]}", "POST images to /caption")
         found = static_file(request.url.path, service.onnx_dir)
@@ -148,6 +152,9 @@ def create_app(service: CaptionService, hosts: HostPolicy, log: Callable[[str], 
         Route("/docs", docs, methods=["GET"]),
         Route("/{path:path}", static, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),  # files, or a 404 naming the method
     ]
+    # Starlette's router sends a path whose route lacks the method on to the next route that
+    # matches it (the catch-all below), which would answer 404: `static` answers 405 for these.
+    endpoints = {route.path: sorted(route.methods or ()) for route in routes if route.path != "/{path:path}"}
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: internal_error})
     return Guard(app, hosts, log)
 

@@ -25,7 +25,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from vlmexport.bundle.manifest import read_manifest
+from vlmexport.bundle.manifest import read_manifest, verify_files
 from vlmexport.errors import UsageError
 from vlmexport.serve.app import NODE_MODULES, VENDOR, WEB_DIR, create_app
 from vlmexport.serve.hosts import host_policy
@@ -120,7 +120,8 @@ def make_server(
     a free port (see `server.url`). `server.warnings` lists what the demo page will lack.
 
     Raises:
-        BundleError: no bundle (or no manifest) in `onnx_dir`, or its fp32 graphs do not load.
+        BundleError: no bundle (or no manifest) in `onnx_dir`, a file that differs from its manifest
+            sha256, or fp32 graphs that do not load.
         CheckpointError: the bundle's tokenizer or preprocessing file is unreadable.
         UsageError: a setting out of range, or the address cannot be listened on.
     """
@@ -131,7 +132,9 @@ def make_server(
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
     if settings.workers < 0 or settings.queue_size < 0 or settings.max_beams < 1 or settings.client_timeout <= 0:
         raise UsageError("--workers, --queue must be ≥ 0, --max-beams ≥ 1 and --client-timeout > 0", "pass values in range")
-    read_manifest(onnx_dir)
+    # Once, before listening: the files the runtime loads and the page fetches are the ones the
+    # manifest hashed (browsers check the hashes too, and a changed graph would caption wrong).
+    verify_files(onnx_dir, read_manifest(onnx_dir))
     sock = _bind(host, port)
     try:
         service = CaptionService(onnx_dir, settings)
