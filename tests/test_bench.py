@@ -182,3 +182,13 @@ def test_text_fidelity_teacher_forces_every_variant_on_prose_chunks(export_tiny,
     assert set(rows) == {"fp32", "int8"}  # q4 was not written: no row
     assert float(rows["fp32"][1]) == 0.0 and float(rows["int8"][1]) > 0.0
     assert f"of {3 * CHUNK} " in rows["int8"][2]
+
+
+def test_bench_refuses_a_checkpoint_of_another_model_before_measuring(export_tiny, make_checkpoint, capsys, monkeypatch) -> None:
+    import vlmexport.runtime.bench as bench_module
+
+    monkeypatch.setattr(bench_module, "measure_torch", lambda *args: pytest.fail("measured before refusing"))
+    other = make_checkpoint("gpt2-siglip_vision_model-linear", text="gpt2")
+    code = main(["bench", "--onnx-dir", str(export_tiny("distilvit")), "--model-dir", str(other), "--tokens", "2", "--repeats", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not the model the bundle was exported from" in err and "text_type llama vs gpt2" in err and len(err.strip().splitlines()) == 1

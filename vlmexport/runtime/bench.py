@@ -82,6 +82,7 @@ def run_bench(
     Raises:
         UsageError: tokens or repeats < 1.
         BundleError: no bundle, or a variant it does not have (checked before anything runs).
+        UsageError: a checkpoint whose config.json names another model (checked before too).
         CheckpointError: the checkpoint cannot be loaded.
     """
     from vlmexport.bundle.manifest import read_manifest
@@ -92,6 +93,7 @@ def run_bench(
     variants = variants or ["fp32"]
     for variant in variants:
         manifest.component_file("vision_encoder", variant)  # raises for a variant the bundle lacks
+    _same_model(manifest.model, Path(model_dir))
     threads = threads or os.cpu_count() or 1
     jobs: list[tuple[Callable[..., BackendBench], tuple[Any, ...]]] = [(measure_torch, (Path(model_dir), tokens, repeats, threads))]
     jobs += [(measure_onnx, (Path(onnx_dir), variant, tokens, repeats, threads)) for variant in variants]
@@ -101,6 +103,30 @@ def run_bench(
     reference = rows[0].caption_ms
     rows = [replace(r, bound_ms=r.decoder_mb * 1e6 / bandwidth * 1e3, speedup=reference / r.caption_ms) for r in rows]
     return BenchReport(rows, tokens, int(manifest.model["prefix_length"]), threads, bandwidth / 1e9, os.getloadavg())
+
+
+def _same_model(facts: dict[str, Any], model_dir: Path) -> None:
+    """Refuse a checkpoint whose config names another model than the bundle's manifest, before
+    anything is measured: the speed-ups would compare two different models. Read off config.json
+    alone (loading the weights here would cost what the isolated PyTorch run then measures).
+
+    Raises:
+        CheckpointError: no readable distilvit config.json in `model_dir`.
+        UsageError: the families, layer count or width differ.
+    """
+    from transformers import AutoConfig
+
+    from vlmexport.checkpoint.config import read_config
+
+    config = read_config(model_dir)
+    text = AutoConfig.for_model(**config.text_config)  # num_hidden_layers/hidden_size whatever the family calls them
+    found = {"vision_type": config.vision_type, "text_type": config.text_type, "num_layers": text.num_hidden_layers, "embed_dim": text.hidden_size}
+    differ = [f"{key} {facts.get(key)} vs {value}" for key, value in found.items() if facts.get(key) != value]
+    if differ:
+        raise UsageError(
+            f"--model-dir {model_dir} is not the model the bundle was exported from (bundle vs checkpoint: {', '.join(differ)})",
+            "pass the checkpoint the bundle was exported from",
+        )
 
 
 def _run(job: Callable[..., BackendBench], args: tuple[Any, ...], isolate: bool) -> BackendBench:
