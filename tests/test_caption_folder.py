@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vlmexport.bundle.decoding import DecodeOptions
 from vlmexport.cli import main
 from vlmexport.errors import UsageError
 from vlmexport.exporter.export import export_bundle
@@ -72,6 +73,20 @@ def test_a_rerun_resumes_skipping_what_is_done_and_retrying_cut_lines_and_failur
     by_image = {line["image"]: line["caption"] for line in final}
     assert by_image["broken.png"] == by_image["0.png"]
     assert caption_folder(bundle, folder, out, workers=2).captioned == 0  # nothing left: no worker started
+    assert {(line["variant"], json.dumps(line["decoding"])) for line in final} == {("fp32", "{}")}
+
+
+def test_a_rerun_with_other_decoding_is_refused_and_lines_without_a_record_are_kept(bundle: Path, folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "captions.jsonl"
+    caption_folder(bundle, folder, out, workers=1, options=DecodeOptions(num_beams=2, max_new_tokens=4))
+    assert {json.dumps(line["decoding"], sort_keys=True) for line in lines(out)} == {'{"max_new_tokens": 4, "num_beams": 2}'}
+    before = out.read_text()
+    with pytest.raises(UsageError, match=r"line 1 was captioned with variant fp32 \(max_new_tokens=4, num_beams=2\), this run asks for variant fp32 \(greedy defaults\)"):
+        caption_folder(bundle, folder, out, workers=1)
+    assert out.read_text() == before  # refused before anything was rewritten
+    # An earlier version's lines carry no record: taken as they are.
+    out.write_text("".join(json.dumps({k: v for k, v in line.items() if k not in ("variant", "decoding")}) + "\n" for line in lines(out)))
+    assert caption_folder(bundle, folder, out, workers=1).skipped == 5
 
 
 def test_folder_errors_are_one_line_with_exit_2(bundle: Path, folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,7 +4,9 @@ Each worker holds one `Captioner` with single-threaded sessions (processes, not 
 decoding loop's numpy bookkeeping holds the GIL between ONNX Runtime calls). Lines are written
 as batches finish, flushed one by one, so an interrupted run keeps everything it captioned;
 run again, it skips the images already in the output (a line cut by the interruption, and the
-lines of images that failed, are dropped first and their images tried again).
+lines of images that failed, are dropped first and their images tried again). Each caption line
+records the variant and the decoding options that made it, so a rerun with others is refused
+rather than finishing the file with captions of two kinds.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -55,11 +58,13 @@ def caption_folder(
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> FolderReport:
     """Caption every image under `images_dir` into the JSON Lines file `output`, one
-    {"image": path relative to the folder, "caption", "tokens"} per line (or "error" for an
-    image that cannot be read), in the order batches finish. `on_progress(done, total)` after each batch.
+    {"image": path relative to the folder, "caption", "tokens", "variant", "decoding"} per line
+    (or {"image", "error"} for an image that cannot be read), in the order batches finish;
+    "decoding" holds the DecodeOptions that differ from greedy's defaults. `on_progress(done, total)` after each batch.
 
     Raises:
-        UsageError: no such folder, no images in it, or an output path that cannot be written.
+        UsageError: no such folder, no images in it, an output path that cannot be written, or an
+            output whose captions were made with another variant or other decoding options.
         BundleError: no bundle, or a variant it lacks (checked before any worker starts).
     """
     images_dir, output = Path(images_dir), Path(output)
@@ -71,7 +76,9 @@ def caption_folder(
     names = image_names(images_dir)
     if not names:
         raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {images_dir}", "pass the folder that holds the images")
-    done = resume(output)
+    options = options or DecodeOptions()
+    made_with = settings(variant, options)
+    done = resume(output, made_with)
     todo = [name for name in names if name not in done]
     if not todo:
         on_progress(len(names), len(names))
@@ -80,8 +87,10 @@ def caption_folder(
     started, failures, captioned = time.perf_counter(), [], 0
     on_progress(len(names) - len(todo), len(names))
     with output.open("a", encoding="utf-8") as sink:
-        for lines in _run(Path(onnx_dir), images_dir, todo, variant, options or DecodeOptions(), workers, batch_size):
+        for lines in _run(Path(onnx_dir), images_dir, todo, variant, options, workers, batch_size):
             for line in lines:
+                if "caption" in line:
+                    line = {**line, **made_with}
                 sink.write(json.dumps(line, ensure_ascii=False) + "\n")
                 if "error" in line:
                     failures.append((str(line["image"]), str(line["error"])))
@@ -92,12 +101,21 @@ def caption_folder(
     return FolderReport(output, captioned, len(names) - len(todo), failures, time.perf_counter() - started, workers)
 
 
-def resume(output: Path) -> set[str]:
+def settings(variant: str, options: DecodeOptions) -> dict[str, Any]:
+    """What a caption line records of how it was made: the variant, and the decoding options
+    that differ from the defaults (greedy: none)."""
+    defaults = asdict(DecodeOptions())
+    return {"variant": variant, "decoding": {k: v for k, v in asdict(options).items() if v != defaults[k]}}
+
+
+def resume(output: Path, made_with: dict[str, Any] | None = None) -> set[str]:
     """Images the output already captions. A cut last line and the lines of failed images are
-    dropped (the file rewritten whole), so their images are captioned again.
+    dropped (the file rewritten whole), so their images are captioned again. With `made_with`
+    (settings()), a caption line made otherwise is refused; lines without the record (written
+    before lines had one) are taken as they are.
 
     Raises:
-        UsageError: the file is not JSON Lines of this command.
+        UsageError: the file is not JSON Lines of this command, or holds captions made otherwise.
     """
     if not output.exists():
         return set()
@@ -113,6 +131,12 @@ def resume(output: Path) -> set[str]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UsageError(f"--output {output} line {number} is not a line this command writes", "pass a new file, or the output of an earlier run") from None
         if "caption" in line:
+            theirs = {key: line[key] for key in (made_with or {}) if key in line}
+            if made_with is not None and theirs and theirs != made_with:
+                raise UsageError(
+                    f"--output {output} line {number} was captioned with {_described(theirs)}, this run asks for {_described(made_with)}",
+                    "pass a new --output, or the --variant and decoding flags of that run",
+                )
             kept.append(raw)
             done.add(image)
         else:
@@ -121,6 +145,11 @@ def resume(output: Path) -> set[str]:
         with atomic_file(output) as tmp:
             tmp.write_text("".join(kept), encoding="utf-8")
     return done
+
+
+def _described(made_with: dict[str, Any]) -> str:
+    decoding = ", ".join(f"{k}={v}" for k, v in sorted(made_with.get("decoding", {}).items())) or "greedy defaults"
+    return f"variant {made_with.get('variant')} ({decoding})"
 
 
 def _run(onnx_dir: Path, folder: Path, names: list[str], variant: str, options: DecodeOptions, workers: int, batch_size: int) -> Iterator[list[Line]]:
