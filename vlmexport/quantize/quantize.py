@@ -90,7 +90,7 @@ RECIPES: dict[str, BlockwiseRecipe] = {
     # ranges (this recipe) 0.0995 / 0.075 / 0.153; 0.054; act-order 0.097 / 0.086 / 0.163; 0.055;
     # both 0.132 / 0.081 / 0.165; 0.052; clipped at α 0.5 0.123 / 0.075 / 0.154; 0.064.
     # Layers 2-11 at 8 bits: the bytes the float16 scales freed (0.184 → 0.199 × fp32), spent where
-    # the ranking of 4-bit nodes put the decoder's cost (layers 0-2 and 9 first, 12-29 near zero).
+    # the ranking of 4-bit nodes (before GPTQ) put the decoder's cost: layers 0-2 and 9 first, 12-29 near zero.
     # 32 image prefixes + text, AMD EPYC AVX512-VNNI, end to end (median position; decoder alone
     # on fp32's prefixes) at its size: without 0.124 (0.030; 0.095) at 0.184; layers 2-11 (this
     # recipe) 0.106 (0.021; 0.082) at 0.199; gate/up of layers 2-9 0.108 (0.027; 0.077) at 0.192,

@@ -80,9 +80,9 @@ def run_bench(
     `isolate=False` measures in this process (faster, for tests; peak RSS is then shared).
 
     Raises:
-        UsageError: tokens or repeats < 1.
+        UsageError: tokens or repeats < 1, or a checkpoint whose config.json names another model
+            than the bundle's (checked before anything runs).
         BundleError: no bundle, or a variant it does not have (checked before anything runs).
-        UsageError: a checkpoint whose config.json names another model (checked before too).
         CheckpointError: the checkpoint cannot be loaded.
     """
     from vlmexport.bundle.manifest import read_manifest
