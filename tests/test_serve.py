@@ -167,6 +167,8 @@ def test_post_without_length_gets_411_other_paths_404_and_other_methods_405(serv
     assert status == 405 and headers["allow"] == "POST" and "POST an image" in json.loads(data)["fix"]
     status, headers, _ = request(server, "DELETE", "/health")
     assert status == 405 and headers["allow"] == "GET, HEAD"
+    status, headers, _ = request(server, "OPTIONS", "/caption")  # no route takes OPTIONS: Starlette's own 405
+    assert status == 405 and headers["allow"] == "POST"
 
 
 def test_a_failure_inside_the_runtime_is_a_500_and_the_server_goes_on(server: VlmServer, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -139,7 +139,8 @@ def create_app(service: CaptionService, hosts: HostPolicy, log: Callable[[str], 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         fix = "POST images to /caption" if request.method == "POST" else "see GET /docs"
-        return problem(HTTPStatus(status), f"no {request.method} endpoint {_printable(request.url.path)[:200]}", fix)
+        allowed = endpoints.get(request.url.path) if status == HTTPStatus.METHOD_NOT_ALLOWED else None  # a method no route takes (OPTIONS)
+        return problem(HTTPStatus(status), f"no {request.method} endpoint {_printable(request.url.path)[:200]}", fix, headers={"Allow": ", ".join(allowed)} if allowed else None)
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         # Starlette's outermost middleware sends this, then re-raises to Guard, which logs it.
