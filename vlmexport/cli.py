@@ -248,13 +248,14 @@ def check(
     from vlmexport.validate.profiles import load_profile, profile_named
     from vlmexport.validate.report import table_rows, write_error_report, write_report
 
+    # Where the report cannot be written, no error report can be either: refused before the try.
+    if json_path is not None and not json_path.resolve().parent.is_dir():
+        raise UsageError(f"--json {json_path}: folder {json_path.resolve().parent} does not exist", "create it or pick another path")
+    if json_path is not None and json_path.is_dir():
+        raise UsageError(f"--json {json_path} is a folder, not a file", f"name the report's file, e.g. --json {json_path / 'report.json'}")
     try:
         if profile and config:
             raise UsageError("--profile and --config were both given", "pass one: a profile name or a TOML file")
-        if json_path is not None and not json_path.resolve().parent.is_dir():
-            raise UsageError(f"--json {json_path}: folder {json_path.resolve().parent} does not exist", "create it or pick another path")
-        if json_path is not None and json_path.is_dir():
-            raise UsageError(f"--json {json_path} is a folder, not a file", f"name the report's file, e.g. --json {json_path / 'report.json'}")
         chosen = load_profile(config) if config else profile_named(profile) if profile else None
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True) as bar:
             task = bar.add_task("check", total=None)
@@ -262,7 +263,7 @@ def check(
                 onnx_dir, model_dir, variant, chosen, images, max_new_tokens, on_step=lambda message: bar.update(task, description=message)
             )
     except VlmExportError as exc:
-        if json_path is not None and json_path.resolve().parent.is_dir() and not json_path.is_dir():
+        if json_path is not None:
             write_error_report(exc, json_path)  # never leave an earlier run's verdict for CI to read
         raise
     wide = out.width >= 110  # which batch/step gave the worst value: a column only where it fits

@@ -118,11 +118,14 @@ def create_app(service: CaptionService, hosts: HostPolicy, log: Callable[[str], 
     async def docs(request: Request) -> Response:
         return HTMLResponse(docs_page(schema))
 
+    def wrong_method(request: Request, allowed: list[str]) -> Response:
+        """An endpoint asked with another method: 405 and the methods it takes (RFC 9110 §15.5.6)."""
+        how = "POST an image to /caption" if "POST" in allowed else f"use {' or '.join(allowed)} {request.url.path}"
+        return problem(HTTPStatus.METHOD_NOT_ALLOWED, f"{request.url.path} does not take {request.method}", how, headers={"Allow": ", ".join(allowed)})
+
     async def static(request: Request) -> Response:
-        allowed = endpoints.get(request.url.path)
-        if allowed is not None:  # an endpoint asked with another method: 405 and what it takes (RFC 9110 §15.5.6)
-            how = "POST an image to /caption" if "POST" in allowed else f"use {' or '.join(allowed)} {request.url.path}"
-            return problem(HTTPStatus.METHOD_NOT_ALLOWED, f"{request.url.path} does not take {request.method}", how, headers={"Allow": ", ".join(allowed)})
+        if request.url.path in endpoints:  # a method the catch-all route takes (GET /caption)
+            return wrong_method(request, endpoints[request.url.path])
         if request.method not in ("GET", "HEAD"):
             return problem(HTTPStatus.NOT_FOUND, f"no {request.method} endpoint {_printable(request.url.path)[:200]}", "POST images to /caption")
         found = static_file(request.url.path, service.onnx_dir)
@@ -138,9 +141,10 @@ def create_app(service: CaptionService, hosts: HostPolicy, log: Callable[[str], 
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
+        if status == HTTPStatus.METHOD_NOT_ALLOWED and request.url.path in endpoints:  # a method no route takes (OPTIONS /caption)
+            return wrong_method(request, endpoints[request.url.path])
         fix = "POST images to /caption" if request.method == "POST" else "see GET /docs"
-        allowed = endpoints.get(request.url.path) if status == HTTPStatus.METHOD_NOT_ALLOWED else None  # a method no route takes (OPTIONS)
-        return problem(HTTPStatus(status), f"no {request.method} endpoint {_printable(request.url.path)[:200]}", fix, headers={"Allow": ", ".join(allowed)} if allowed else None)
+        return problem(HTTPStatus(status), f"no {request.method} endpoint {_printable(request.url.path)[:200]}", fix)
 
     async def internal_error(request: Request, exc: Exception) -> Response:
         # Starlette's outermost middleware sends this, then re-raises to Guard, which logs it.
