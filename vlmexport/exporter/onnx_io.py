@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vlmexport.errors import BundleError
 from vlmexport.exporter.attention import PENDING_DOMAIN
+from vlmexport.exporter.attention_layout import fold_attention_layout
 from vlmexport.exporter.fuse import fuse_parallel_matmuls
 from vlmexport.exporter.simplify import fold_shape_arithmetic
 
@@ -128,6 +129,7 @@ def write_graph(
     graph = model.graph
     pin_static_axes(model, dynamic_axes, shapes)
     fold_shape_arithmetic(model)  # while the weights are still declared inputs, with their shapes
+    fold_attention_layout(model)  # needs the Reshape targets folded
     weights = dict(weights)
     fuse_parallel_matmuls(graph, weights)
     inputs = [value for value in graph.input if value.name not in weights]

@@ -86,10 +86,20 @@ def _fold_once(model: onnx.ModelProto) -> int:
     symbols = _base_symbols(graph)
     if not symbols:
         return 0
-    found = [_shape_values(model, sizes) for sizes in _assignments(symbols)]
+    assignments = _assignments(symbols)
+    found = [_shape_values(model, sizes) for sizes in assignments]
     runs = [run for run in found if run is not None]
     if len(runs) < len(found):
         return 0  # shape inference could not follow the graph: leave it as traced
+    # Sizes the traced graph cannot run at say nothing about it: there a Reshape has no single
+    # answer (a -1 beside an empty axis, which onnxruntime refuses), so no call of the graph
+    # has them, and what shape inference leaves unknown behind that Reshape would otherwise
+    # keep every value downstream from being proven. (A decoder's `view(batch, length, -1, 64)`
+    # at length 0: without this, no reshape target or rotary width of a decoder layer folds.)
+    runnable = [_runnable(graph, *run) for run in runs]
+    if not all(ok for ok, sizes in zip(runnable, assignments) if 0 not in sizes.values()):
+        return 0  # not even at sizes with no empty axis: leave it as traced
+    runs = [run for run, ok in zip(runs, runnable) if ok]
     shapes = [run[0] for run in runs]
     values = [run[1] for run in runs]
     produced_by_web = set(values[0])
@@ -115,8 +125,18 @@ def _fold_once(model: onnx.ModelProto) -> int:
                 replacement = None if target is None else _add_initializer(graph, target, next(names))
             if replacement is not None:
                 node.input[index] = replacement
-    _remove_unused(graph)
+    remove_unused(graph)
     return before - len(graph.node)
+
+
+def _runnable(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], values: dict[str, np.ndarray]) -> bool:
+    """False where a Reshape's target, at these sizes, resolves to no shape (onnxruntime fails there)."""
+    for node in graph.node:
+        if node.op_type == "Reshape" and node.input[0] in shapes and node.input[1] in values:
+            target = [int(x) for x in values[node.input[1]]]
+            if resolve_reshape(target, shapes[node.input[0]]) is None:
+                return False
+    return True
 
 
 def _step_dependent(graph: onnx.GraphProto, values: list[dict[str, np.ndarray]]) -> set[str]:
@@ -201,11 +221,14 @@ def _base_symbols(graph: onnx.GraphProto) -> list[str]:
 
 
 def _assignments(symbols: list[str]) -> list[dict[str, int]]:
-    """Sizes per base symbol: two with every axis different, one with batch 1, and one per
-    other axis set to zero (the graphs take an empty prefix, ids or past)."""
+    """Sizes per base symbol: three with every axis different (a polynomial in one size that
+    meets a constant at two samples does not at a third, which matters where an empty axis is
+    left out of the proof: _fold_once), one with batch 1, and one per other axis set to zero
+    (the graphs take an empty prefix, ids or past)."""
     first = {s: BASE_SIZES[i % len(BASE_SIZES)] + 10 * (i // len(BASE_SIZES)) for i, s in enumerate(symbols)}
     second = {s: v + 6 for s, v in first.items()}
-    out = [first, second]
+    third = {s: v + 12 for s, v in first.items()}
+    out = [first, second, third]
     out += [{**first, s: 1 if s == BATCH else 0} for s in symbols]
     return out
 
@@ -293,7 +316,7 @@ def _reshape_target(data: str, target: str, shapes: list[dict[str, tuple[int, ..
     traced = [[int(x) for x in v[target]] for v in values]
     if any(len(t) != len(traced[0]) for t in traced):
         return None
-    resolved = [_resolve(t, shape) for t, shape in zip(traced, inputs)]
+    resolved = [resolve_reshape(t, shape) for t, shape in zip(traced, inputs)]
     wanted = [w for w in resolved if w is not None]
     if len(wanted) < len(resolved):
         return None
@@ -306,12 +329,12 @@ def _reshape_target(data: str, target: str, shapes: list[dict[str, tuple[int, ..
             encoded.append(0)
         else:
             encoded.append(-1)
-    if encoded.count(-1) > 1 or any(_resolve(encoded, shape) != want for shape, want in zip(inputs, wanted)):
+    if encoded.count(-1) > 1 or any(resolve_reshape(encoded, shape) != want for shape, want in zip(inputs, wanted)):
         return None
     return np.array(encoded, np.int64)
 
 
-def _resolve(encoded: list[int], shape: tuple[int, ...]) -> tuple[int, ...] | None:
+def resolve_reshape(encoded: list[int], shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """Reshape's output shape for `encoded` on an input of `shape` (allowzero=0), or None
     where that is not well defined."""
     if encoded.count(-1) > 1 or any(d == 0 and i >= len(shape) for i, d in enumerate(encoded)):
@@ -326,7 +349,7 @@ def _resolve(encoded: list[int], shape: tuple[int, ...]) -> tuple[int, ...] | No
     return tuple(dims)
 
 
-def _remove_unused(graph: onnx.GraphProto) -> None:
+def remove_unused(graph: onnx.GraphProto) -> None:
     """Drop nodes (and initializers added above) that nothing reads, repeatedly."""
     outputs = {o.name for o in graph.output}
     while True:
