@@ -24,7 +24,8 @@ every graph to PyTorch.
 
 Measured on the real-weights model (SmolLM2-135M decoder, AMD EPYC AVX512-VNNI, 2 threads,
 old and new graphs alternating in one process): a cached step runs 510 nodes after
-onnxruntime's fusions instead of 1,188, the int8 step 14.0 → 12.2 ms, fp32 24.6 → 23.8 ms.
+onnxruntime's fusions instead of 1,188, the int8 step 13.8–14.0 → 12.1–12.2 ms, fp32
+24.2–24.6 → 21.9–23.8 ms (two runs).
 """
 
 from __future__ import annotations
