@@ -17,7 +17,7 @@ assignment is a constant; a Reshape target that differs is replaced when a 0/-1 
 reproduces it under every assignment. Whatever cannot be shown so is left as traced. An
 assignment at which the graph cannot run (a Reshape with no answer there, as a decoder's
 `view(batch, length, -1, 64)` at length 0, which onnxruntime refuses) is left out: no call has
-those sizes, and the two other samples of that axis still vary it.
+those sizes, and the three samples with every axis different still vary it.
 
 Why sampling is a proof here, and where it is not: on sums and products of sizes and constants
 (Add, Sub, Mul, Neg and the ops that only move values: Gather, Concat, Slice, ...), a value that
