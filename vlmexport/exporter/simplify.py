@@ -102,6 +102,8 @@ def _fold_once(model: onnx.ModelProto) -> int:
     runnable = [_runnable(graph, *run) for run in runs]
     if not all(ok for ok, sizes in zip(runnable, assignments) if 0 not in sizes.values()):
         return 0  # not even at sizes with no empty axis: leave it as traced
+    if runnable.count(False) > 1:
+        return 0  # two axes left without their empty sample: `S - T` would look constant
     runs = [run for run, ok in zip(runs, runnable) if ok]
     shapes = [run[0] for run in runs]
     values = [run[1] for run in runs]
