@@ -209,8 +209,8 @@ def _projection(name: str, graph: _Graph, rotated: bool) -> _Projection | None:
     source = None if reshape is None else graph.dims.get(reshape.input[0])
     if reshape is None or target is None or source is None or len(source) != 3 or source[2] is None:
         return None
-    heads = {shape[2] for shape in _reshaped(target, source) if shape is not None and len(shape) == 4}
     shapes = _reshaped(target, source)
+    heads = {out[2] for out in shapes if out is not None and len(out) == 4}
     if len(heads) != 1 or any(out is None or out[:2] != sample[:2] or out[2] * out[3] != source[2] for out, sample in zip(shapes, _samples(source))):
         return None
     return _Projection(reshape.input[0], heads.pop(), None if rotary is None else (rotary.input[1], rotary.input[2]))
