@@ -113,3 +113,92 @@ def test_what_it_cannot_prove_stays_as_traced(change: str, reader: str | None) -
     before = [n.op_type for n in model.graph.node]
     assert fold_attention_layout(model) == 0
     assert [n.op_type for n in model.graph.node] == before
+
+
+def _second_attention(model: onnx.ModelProto, rewritable: bool) -> None:
+    """Add a second Attention that reads the first (rotary) one's appended cache: its own query
+    (through Reshape, Transpose and RotaryEmbedding like the first's, if `rewritable`; else
+    already 4-D), its output transposed and reshaped back to a graph output."""
+    if rewritable:
+        model.graph.input.append(helper.make_tensor_value_info("q2", TensorProto.FLOAT, ["batch", "length", HEADS * DIM]))
+        model.graph.node.extend(
+            [
+                helper.make_node("Reshape", ["q2", "q_target"], ["q2_4d"]),
+                helper.make_node("Transpose", ["q2_4d"], ["q2_4t"], perm=[0, 2, 1, 3]),
+                helper.make_node("RotaryEmbedding", ["q2_4t", "cos", "sin"], ["q2_t"]),
+            ]
+        )
+    else:
+        model.graph.input.append(helper.make_tensor_value_info("q2_t", TensorProto.FLOAT, ["batch", HEADS, "length", DIM]))
+    model.graph.node.extend(
+        [
+            helper.make_node("Attention", ["q2_t", "present_key", "present_value", "mask"], ["y2_4d"]),
+            helper.make_node("Transpose", ["y2_4d"], ["y2_t"], perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", ["y2_t", "y_target"], ["y2"]),
+        ]
+    )
+    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["batch", "length", HEADS * DIM]))
+
+
+def _assert_same_outputs(traced: onnx.ModelProto, fused: onnx.ModelProto, past: bool = True) -> None:
+    onnx.checker.check_model(fused, full_check=True)
+    for batch, length, past_length in ((2, 5, 3), (1, 1, 9)):
+        feeds = _feeds(traced, batch, length, past_length if past else 0)
+        for want, got in zip(_run(traced, feeds), _run(fused, feeds), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rewritable", [True, False])
+def test_a_cache_two_attentions_read_is_taken_over_by_one(rewritable: bool) -> None:
+    # Rewriting both would make two nodes produce present_key and present_value.
+    traced = _traced(rotary=True, past=True)
+    _second_attention(traced, rewritable)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(traced)
+    assert fold_attention_layout(fused) == 1
+    assert [len(n.input) for n in fused.graph.node if n.op_type == "Attention"] == [6, 4]
+    _assert_same_outputs(traced, fused)
+
+
+def test_a_rewrite_that_would_make_a_cycle_stays_as_traced() -> None:
+    # A mask computed from the appended cache: the fused Attention would read what it produces.
+    # The layer stays as traced (no error); a second layer without that dependency is rewritten.
+    traced = _traced(rotary=False, past=True)
+    attention = next(n for n in traced.graph.node if n.op_type == "Attention")
+    attention.input[3] = "mask_from_cache"
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    traced.graph.initializer.append(zero)
+    traced.graph.node.extend(
+        [
+            helper.make_node("ReduceSum", ["present_key"], ["cache_sum"]),
+            helper.make_node("Mul", ["cache_sum", "zero"], ["nothing"]),
+            helper.make_node("Add", ["mask", "nothing"], ["mask_from_cache"]),
+        ]
+    )
+    fused = onnx.ModelProto()
+    fused.CopyFrom(traced)
+    assert fold_attention_layout(fused) == 0
+    assert [n.op_type for n in fused.graph.node] == [n.op_type for n in traced.graph.node]
+
+
+def test_unnamed_layers_get_distinct_new_tensors() -> None:
+    # Two layers whose nodes carry no names: the rotated projections must not share a name.
+    first, second = _traced(rotary=True, past=False), _traced(rotary=True, past=False)
+    renamed = {}
+    for value in [*second.graph.input, *second.graph.output, *second.graph.initializer]:
+        renamed[value.name] = f"{value.name}_2"
+        value.name = renamed[value.name]
+    for node in second.graph.node:
+        node.input[:] = [renamed.get(name, f"{name}_2") for name in node.input]
+        node.output[:] = [f"{name}_2" for name in node.output]
+    graph = first.graph
+    graph.input.extend(second.graph.input)
+    graph.output.extend(second.graph.output)
+    graph.initializer.extend(second.graph.initializer)
+    graph.node.extend(second.graph.node)
+    for node in graph.node:
+        node.name = ""
+    fused = onnx.ModelProto()
+    fused.CopyFrom(first)
+    assert fold_attention_layout(fused) == 2
+    _assert_same_outputs(first, fused, past=False)

@@ -37,7 +37,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
-from vlmexport.errors import BundleError
 from vlmexport.exporter.simplify import remove_unused, resolve_reshape
 
 HEADS_FIRST = [0, 2, 1, 3]
@@ -109,27 +108,51 @@ def fold_attention_layout(model: onnx.ModelProto) -> int:
     if not any(n.op_type == "Attention" and not n.domain for n in model.graph.node):
         return 0
     graph = _Graph(model)
-    replaced: dict[int, list[onnx.NodeProto]] = {}
-    count = 0
+    rewrites: list[_Rewrite] = []
+    claimed: set[int] = set()
     for attention in [n for n in model.graph.node if n.op_type == "Attention" and not n.domain]:
         rewrite = _rewrite(attention, graph)
-        if rewrite is not None:
-            gone, new = rewrite
-            replaced.update({id(node): [] for node in gone})
-            replaced[id(attention)] = new
-            count += 1
-    if count:
-        nodes = [new for node in model.graph.node for new in replaced.get(id(node), [node])]
+        # A cache Concat two Attentions read can be taken over by one of them only: both would
+        # produce its output.
+        if rewrite is not None and not claimed & {id(node) for node in rewrite.gone}:
+            claimed |= {id(node) for node in rewrite.gone}
+            rewrites.append(rewrite)
+    nodes = _apply(list(model.graph.node), rewrites)
+    if nodes is None:
+        # Some rewrite made a node read what it produces (say, a mask computed from the appended
+        # cache): keep, in order, only the rewrites that leave the graph acyclic; the others stay as traced.
+        kept: list[_Rewrite] = []
+        for rewrite in rewrites:
+            if _apply(list(model.graph.node), [*kept, rewrite]) is not None:
+                kept.append(rewrite)
+        rewrites, nodes = kept, _apply(list(model.graph.node), kept)
+    if rewrites and nodes is not None:
         del model.graph.node[:]
-        model.graph.node.extend(_topological(nodes))
+        model.graph.node.extend(nodes)
         remove_unused(model.graph)
-    return count
+    return len(rewrites)
 
 
-def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """`nodes` in an order ONNX accepts, each as early as in `nodes` where it can be: a new
-    Attention takes the place of the old one, but makes the cache a sliding window crops
-    (Mistral's Slice of the appended cache) before that place."""
+@dataclass
+class _Rewrite:
+    attention: onnx.NodeProto
+    gone: list[onnx.NodeProto]  # the nodes whose outputs the new nodes produce
+    new: list[onnx.NodeProto]
+
+
+def _apply(nodes: list[onnx.NodeProto], rewrites: list[_Rewrite]) -> list[onnx.NodeProto] | None:
+    """`nodes` with `rewrites` made, in an order ONNX accepts; None if they made a cycle."""
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    for rewrite in rewrites:
+        replaced.update({id(node): [] for node in rewrite.gone})
+        replaced[id(rewrite.attention)] = rewrite.new
+    return _topological([new for node in nodes for new in replaced.get(id(node), [node])])
+
+
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto] | None:
+    """`nodes` in an order ONNX accepts, each as early as in `nodes` where it can be (a new
+    Attention takes the place of the old one, but makes the cache a sliding window crops —
+    Mistral's Slice of the appended cache — before that place); None if they form a cycle."""
     produced = {output: index for index, node in enumerate(nodes) for output in node.output}
     waiting = [{produced[name] for name in node.input if name in produced} for node in nodes]
     readers: dict[int, list[int]] = {}
@@ -146,13 +169,11 @@ def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
             waiting[reader].discard(index)
             if not waiting[reader]:
                 heapq.heappush(ready, reader)
-    if len(order) != len(nodes):  # a cycle: the rewrite made a node read what it produces
-        raise BundleError("the attention rewrite left the graph with a cycle", "report this as a vlmexport bug; --opset 18 avoids the rewrite")
-    return order
+    return order if len(order) == len(nodes) else None
 
 
-def _rewrite(attention: onnx.NodeProto, graph: _Graph) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]] | None:
-    """(the nodes whose outputs the new nodes produce, the new nodes), or None: leave as traced."""
+def _rewrite(attention: onnx.NodeProto, graph: _Graph) -> _Rewrite | None:
+    """The nodes that replace `attention` and those it takes over, or None: leave as traced."""
     attributes = {a.name: a for a in attention.attribute}
     if set(attributes) - {"scale"} or len(attention.output) != 1 or len(attention.input) not in (3, 4):
         return None
@@ -172,7 +193,8 @@ def _rewrite(attention: onnx.NodeProto, graph: _Graph) -> tuple[list[onnx.NodePr
     if q is None or k is None or v is None or merge is None or k.heads != v.heads or (q.rotary is None) != (k.rotary is None):
         return None
     new, sources = [], []
-    for projection, name in ((q, f"{attention.name}/query_rotated"), (k, f"{attention.name}/key_rotated")):
+    # Named after the output they replace, which is unique in the graph (node names need not be).
+    for projection, name in ((q, f"{attention.output[0]}/query_rotated"), (k, f"{attention.output[0]}/key_rotated")):
         if projection.rotary is not None:
             new.append(helper.make_node("RotaryEmbedding", [projection.source, *projection.rotary], [name], name=name, num_heads=projection.heads))
         sources.append(name if projection.rotary is not None else projection.source)
@@ -180,7 +202,7 @@ def _rewrite(attention: onnx.NodeProto, graph: _Graph) -> tuple[list[onnx.NodePr
     scale = {"scale": attributes["scale"].f} if "scale" in attributes else {}
     outputs = [merge[-1].output[0], *(node.output[0] for node in caches)]
     new.append(helper.make_node("Attention", fused_inputs, outputs, name=attention.name, q_num_heads=q.heads, kv_num_heads=k.heads, **scale))
-    return [*caches, *merge], new
+    return _Rewrite(attention, [*caches, *merge], new)
 
 
 def _appends(node: onnx.NodeProto, graph: _Graph) -> bool:
