@@ -133,6 +133,25 @@ def test_dynamic_int8_tied_table_is_quantized_and_stored_once(bundle) -> None:
 STEP = {"int8": 1 / 127, "uint8": 1 / 255, "q4": 1 / 127}  # q4 keeps the tied head (table) at 8 bits
 
 
+@pytest.mark.parametrize("text", ["gpt2", "opt"])
+def test_int8_quantizes_every_decoder_matmul_of_each_decoder_family(make_checkpoint, tmp_path: Path, text: str) -> None:
+    # GPT-2's Conv1D was traced as Gemm, which MatMulNBits' quantizer skips: its "int8" decoder
+    # stayed float32 but for the head. And a decoder with nothing to smooth crashed quantize.
+    # (The Llama family is covered by every other test here.)
+    out = tmp_path / "onnx"
+    export_bundle(make_checkpoint(f"{text}-int8", text=text), out, layout="distilvit")
+    report = quantize_bundle(out, "int8")
+    assert report.passed
+    for component in ("prefix_init", "language_model"):
+        relative = read_manifest(out).variants["fp32"][component]
+        fp32 = onnx.load(str(out / relative))
+        weights = {i.name for i in fp32.graph.initializer}
+        matmuls = [n for n in fp32.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+        ops = [n.op_type for n in onnx.load(str(out / variant_path(relative, "int8"))).graph.node]
+        # Each weight's MatMul, and the tied head (a MatMul of the embedding's transpose).
+        assert "MatMul" not in ops and "Gemm" not in ops and ops.count("MatMulNBits") == len(matmuls) + 1 > 1, (component, ops)
+
+
 @pytest.mark.parametrize("mode", ["int8", "uint8", "q4"])
 def test_blockwise_table_is_one_quantized_copy_shared_by_head_and_embedding(bundle, tmp_path: Path, mode: str) -> None:
     onnx_dir = bundle(width=64)

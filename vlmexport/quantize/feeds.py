@@ -174,6 +174,10 @@ class Probe:
     def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         wanted = self.outputs if outputs is None else list(outputs)
         extra = self.names if self.recording else []
+        if not wanted and not extra:  # onnxruntime reads no output names as all of them
+            if self.recording:
+                self.sink([])
+            return []
         values = self.session.run(wanted + extra, {k: v for k, v in feeds.items() if k in self.inputs})
         if self.recording:
             self.sink(values[len(wanted) :])
