@@ -118,6 +118,47 @@ def test_folded_shape_arithmetic_equals_the_traced_at_sizes_past_every_threshold
         np.testing.assert_array_equal(_run(folded, x), _run(model, x), err_msg=f"{case} at sequence length {size}")
 
 
+def test_a_reshape_behind_positions_laid_out_by_range_folds_at_batch_1_too() -> None:
+    # GPT-2's and OPT's first pass: position ids = arange(length).unsqueeze(0).expand(1, -1),
+    # embedded and added to x. Shape inference sizes neither that Range nor that Expand, so at
+    # batch 1 the sum's batch axis was unknown (1 broadcast with unknown) and no reshape target
+    # of any layer folded.
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["s"], axis=0),
+        helper.make_node("Range", ["zero", "s", "one"], ["positions"]),
+        helper.make_node("Unsqueeze", ["positions", "axis0"], ["row"]),
+        # position_ids.expand(1, -1) as traced: the -1 replaced by a Where
+        helper.make_node("Concat", ["axis1", "minus_one"], ["wanted"], axis=0),
+        helper.make_node("Equal", ["wanted", "minus_one"], ["keep"]),
+        helper.make_node("Shape", ["row"], ["row_shape"]),
+        helper.make_node("Where", ["keep", "row_shape", "wanted"], ["expanded_shape"]),
+        helper.make_node("Expand", ["row", "expanded_shape"], ["expanded"]),
+        helper.make_node("Gather", ["table", "expanded"], ["embedded"]),
+        helper.make_node("Add", ["x", "embedded"], ["summed"]),
+        helper.make_node("Shape", ["summed"], ["summed_shape"]),
+        helper.make_node("Slice", ["summed_shape", "zero_axis", "two", "zero_axis"], ["batch_and_length"]),
+        helper.make_node("Concat", ["batch_and_length", "heads"], ["target"], axis=0),
+        helper.make_node("Reshape", ["summed", "target"], ["y"]),
+    ]
+    inits = [
+        _const("one", 1), _const("zero", 0), _const("axis0", [0]), _const("axis1", [1]), _const("minus_one", [-1]),
+        _const("zero_axis", [0]), _const("two", [2]), _const("heads", [2, 2]), numpy_helper.from_array(np.arange(MAX_POSITIONS * 4, dtype=np.float32).reshape(MAX_POSITIONS, 4), "table"),
+    ]  # fmt: skip
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", "sequence_length", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph(nodes, "positions", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)])
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    fold_shape_arithmetic(folded)
+    reshape = next(n for n in folded.graph.node if n.op_type == "Reshape")
+    target = next(numpy_helper.to_array(i) for i in folded.graph.initializer if i.name == reshape.input[1])
+    assert target.tolist() == [0, 0, 2, 2]
+    for batch, size in ((1, 1), (2, 7), (1, MAX_POSITIONS)):
+        x_value = np.random.default_rng(size).standard_normal((batch, size, 4)).astype(np.float32)
+        np.testing.assert_array_equal(_run(folded, x_value), _run(model, x_value))
+
+
 def _mistral_checkpoint(folder: Path) -> Path:
     config = tiny_config_dict(text="mistral")
     # The window (48) is longer than every size the folder samples and shorter than the positions tested.

@@ -252,21 +252,35 @@ def _shape_values(model: onnx.ModelProto, sizes: dict[str, int]) -> tuple[dict[s
                 dim.dim_value = _size(dim.dim_param, sizes)
     for value in fixed.graph.output:
         value.type.tensor_type.ClearField("shape")
-    try:
-        inferred = shape_inference.infer_shapes(fixed, data_prop=True)
-    except onnx.shape_inference.InferenceError:
-        return None
-    shapes = {}
-    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = tuple(int(d.dim_value) for d in dims)
-    return shapes, _evaluate_web(model, shapes)
+    for _ in range(MAX_ROUNDS):
+        try:
+            inferred = shape_inference.infer_shapes(fixed, data_prop=True)
+        except onnx.shape_inference.InferenceError:
+            return None
+        shapes = {}
+        for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+            dims = value.type.tensor_type.shape.dim
+            if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+                shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+        values, evaluated = _evaluate_web(model, shapes)
+        # Shape inference sizes no Range of a computed limit, nor an Expand to a computed shape
+        # (GPT-2's and OPT's position ids, arange(length).unsqueeze(0).expand(1, -1)), nor what
+        # they feed — at batch 1 not even the embeddings' sum, whose broadcast cannot tell 1
+        # from n there. The evaluator just computed those tensors: shape inference is given
+        # their shapes and goes again.
+        learned = {name: array for name, array in evaluated.items() if name not in shapes}
+        if not learned:
+            break
+        fixed.graph.value_info.extend(
+            onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape) for name, array in learned.items()
+        )
+    return shapes, values
 
 
-def _evaluate_web(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def _evaluate_web(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Values of the shape arithmetic: its nodes as a model of their own, each Shape of an
-    activation replaced by an input fed that activation's (inferred) shape."""
+    activation replaced by an input fed that activation's (inferred) shape. Returns the values
+    of at most MAX_ELEMENTS elements, and every output the evaluator computed."""
     graph = model.graph
     small = {i.name: i for i in graph.initializer if int(np.prod(i.dims)) <= MAX_ELEMENTS}
     known: set[str] = set(small)
@@ -286,7 +300,7 @@ def _evaluate_web(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) ->
             nodes.append(node)
             known.update(node.output)
     if not nodes:
-        return dict(feeds)
+        return dict(feeds), {}
     inputs = [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in feeds]
     outputs = [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for n in nodes for o in n.output]
     sub = onnx.helper.make_graph(nodes, "shape_arithmetic", inputs, outputs, list(small.values()))
@@ -294,13 +308,11 @@ def _evaluate_web(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) ->
     try:
         results = evaluator.run(None, feeds)
     except Exception:  # the reference evaluator raises many types; nothing is folded then
-        return dict(feeds)
+        return dict(feeds), {}
+    evaluated = {name: np.asarray(value) for name, value in zip([o.name for o in outputs], results)}
     values = dict(feeds)
-    for name, value in zip([o.name for o in outputs], results):
-        array = np.asarray(value)
-        if array.size <= MAX_ELEMENTS:
-            values[name] = array
-    return values
+    values.update({name: array for name, array in evaluated.items() if array.size <= MAX_ELEMENTS})
+    return values, evaluated
 
 
 def _constant(name: str, values: list[dict[str, np.ndarray]]) -> np.ndarray | None:
