@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from vlmexport.exporter.attention_layout import fold_attention_layout
+from vlmexport.exporter.attention_layout import _topological, fold_attention_layout
 
 HEADS, KV_HEADS, DIM = 4, 2, 8
 
@@ -160,30 +160,9 @@ def test_a_cache_two_attentions_read_is_taken_over_by_one(rewritable: bool) -> N
     _assert_same_outputs(traced, fused)
 
 
-def test_a_rewrite_that_would_make_a_cycle_stays_as_traced() -> None:
-    # A mask computed from the appended cache: the fused Attention would read what it produces.
-    # The layer stays as traced (no error); a second layer without that dependency is rewritten.
-    traced = _traced(rotary=False, past=True)
-    attention = next(n for n in traced.graph.node if n.op_type == "Attention")
-    attention.input[3] = "mask_from_cache"
-    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
-    traced.graph.initializer.append(zero)
-    traced.graph.node.extend(
-        [
-            helper.make_node("ReduceSum", ["present_key"], ["cache_sum"]),
-            helper.make_node("Mul", ["cache_sum", "zero"], ["nothing"]),
-            helper.make_node("Add", ["mask", "nothing"], ["mask_from_cache"]),
-        ]
-    )
-    fused = onnx.ModelProto()
-    fused.CopyFrom(traced)
-    assert fold_attention_layout(fused) == 0
-    assert [n.op_type for n in fused.graph.node] == [n.op_type for n in traced.graph.node]
-
-
-def test_unnamed_layers_get_distinct_new_tensors() -> None:
-    # Two layers whose nodes carry no names: the rotated projections must not share a name.
-    first, second = _traced(rotary=True, past=False), _traced(rotary=True, past=False)
+def _two_layers(past: bool) -> onnx.ModelProto:
+    """Two traced rotary layers side by side, the second's names suffixed `_2`."""
+    first, second = _traced(rotary=True, past=past), _traced(rotary=True, past=past)
     renamed = {}
     for value in [*second.graph.input, *second.graph.output, *second.graph.initializer]:
         renamed[value.name] = f"{value.name}_2"
@@ -196,9 +175,56 @@ def test_unnamed_layers_get_distinct_new_tensors() -> None:
     graph.output.extend(second.graph.output)
     graph.initializer.extend(second.graph.initializer)
     graph.node.extend(second.graph.node)
-    for node in graph.node:
+    return first
+
+
+def _mask_from_cache(model: onnx.ModelProto, attention_output: str, cache: str) -> None:
+    """The Attention writing `attention_output` masks with mask + 0 · sum(cache): the same
+    values, but computed from an appended cache, which the fused form would produce itself."""
+    attention = next(n for n in model.graph.node if n.op_type == "Attention" and n.output[0] == attention_output)
+    tag = attention_output
+    attention.input[3] = f"{tag}_mask"
+    if not any(i.name == "zero" for i in model.graph.initializer):
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), "zero"))
+    added = [
+        helper.make_node("ReduceSum", [cache], [f"{tag}_sum"]),
+        helper.make_node("Mul", [f"{tag}_sum", "zero"], [f"{tag}_nothing"]),
+        helper.make_node("Add", ["mask", f"{tag}_nothing"], [f"{tag}_mask"]),
+    ]
+    nodes = list(model.graph.node)
+    after = next(i for i, n in enumerate(nodes) if cache in n.output) + 1  # the Attentions keep their order where they can
+    del model.graph.node[:]
+    model.graph.node.extend(_topological([*nodes[:after], *added, *nodes[after:]]))
+
+
+@pytest.mark.parametrize("case", ["own cache", "crossed caches", "claimed cache"])
+def test_a_rewrite_that_would_make_a_cycle_stays_as_traced(case: str) -> None:
+    # The layer whose rewrite would make the fused Attention read what it produces stays as
+    # traced (no error), and the others are rewritten: a layer beside it; of two layers that
+    # read each other's cache, one; of two Attentions sharing a cache, the second, once the
+    # first is left as traced.
+    if case == "claimed cache":
+        traced = _traced(rotary=True, past=True)
+        _second_attention(traced, rewritable=True)
+        _mask_from_cache(traced, "y4", "present_key")
+        assert [n.output[0] for n in traced.graph.node if n.op_type == "Attention"] == ["y4", "y2_4d"]  # the first claims first
+    else:
+        traced = _two_layers(past=True)
+        _mask_from_cache(traced, "y4", "present_key" if case == "own cache" else "present_key_2")
+        if case == "crossed caches":
+            _mask_from_cache(traced, "y4_2", "present_key")
+    fused = onnx.ModelProto()
+    fused.CopyFrom(traced)
+    assert fold_attention_layout(fused) == 1
+    _assert_same_outputs(traced, fused)
+
+
+def test_unnamed_layers_get_distinct_new_tensors() -> None:
+    # Two layers whose nodes carry no names: the rotated projections must not share a name.
+    traced = _two_layers(past=False)
+    for node in traced.graph.node:
         node.name = ""
     fused = onnx.ModelProto()
-    fused.CopyFrom(first)
+    fused.CopyFrom(traced)
     assert fold_attention_layout(fused) == 2
-    _assert_same_outputs(first, fused, past=False)
+    _assert_same_outputs(traced, fused, past=False)

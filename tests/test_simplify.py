@@ -22,7 +22,7 @@ from vlmexport.checkpoint.save import save_checkpoint
 from vlmexport.checkpoint.synth import random_model
 from vlmexport.checkpoint.tokenizer import word_tokenizer
 from vlmexport.exporter.export import export_bundle
-from vlmexport.exporter.simplify import fold_shape_arithmetic
+from vlmexport.exporter.simplify import _learned, fold_shape_arithmetic
 from vlmexport.runtime.bundle import open_bundle
 from vlmexport.samples import sample_images
 from vlmexport.validate.metrics import rel_max
@@ -118,7 +118,8 @@ def test_folded_shape_arithmetic_equals_the_traced_at_sizes_past_every_threshold
         np.testing.assert_array_equal(_run(folded, x), _run(model, x), err_msg=f"{case} at sequence length {size}")
 
 
-def test_a_reshape_behind_positions_laid_out_by_range_folds_at_batch_1_too() -> None:
+@pytest.mark.parametrize("expanded_is_an_output", [False, True])
+def test_a_reshape_behind_positions_laid_out_by_range_folds_at_batch_1_too(expanded_is_an_output: bool) -> None:
     # GPT-2's and OPT's first pass: position ids = arange(length).unsqueeze(0).expand(1, -1),
     # embedded and added to x. Shape inference sizes neither that Range nor that Expand, so at
     # batch 1 the sum's batch axis was unknown (1 broadcast with unknown) and no reshape target
@@ -147,7 +148,8 @@ def test_a_reshape_behind_positions_laid_out_by_range_folds_at_batch_1_too() -> 
     ]  # fmt: skip
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch_size", "sequence_length", 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    model = helper.make_model(helper.make_graph(nodes, "positions", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)])
+    outputs = [y, helper.make_tensor_value_info("expanded", TensorProto.INT64, None)] if expanded_is_an_output else [y]
+    model = helper.make_model(helper.make_graph(nodes, "positions", [x], outputs, inits), opset_imports=[helper.make_opsetid("", 18)])
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
     fold_shape_arithmetic(folded)
@@ -156,7 +158,16 @@ def test_a_reshape_behind_positions_laid_out_by_range_folds_at_batch_1_too() -> 
     assert target.tolist() == [0, 0, 2, 2]
     for batch, size in ((1, 1), (2, 7), (1, MAX_POSITIONS)):
         x_value = np.random.default_rng(size).standard_normal((batch, size, 4)).astype(np.float32)
-        np.testing.assert_array_equal(_run(folded, x_value), _run(model, x_value))
+        for got, want in zip(*(ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x_value}) for m in (folded, model)), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_shapes_are_told_only_where_the_evaluator_agrees_with_the_graphs_types() -> None:
+    evaluated = {"sized": np.zeros(3, np.int64), "other_type": np.zeros(3, np.int64), "new": np.zeros((2, 5), np.int64)}
+    types = {"sized": TensorProto.INT64, "other_type": TensorProto.FLOAT, "new": TensorProto.INT64}
+    told = _learned(evaluated, {"sized": (3,)}, types, told=set())
+    assert [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in told] == [("new", [2, 5])]
+    assert _learned(evaluated, {"sized": (3,)}, types, told={"new"}) == []
 
 
 def _mistral_checkpoint(folder: Path) -> Path:

@@ -108,29 +108,33 @@ def fold_attention_layout(model: onnx.ModelProto) -> int:
     if not any(n.op_type == "Attention" and not n.domain for n in model.graph.node):
         return 0
     graph = _Graph(model)
-    rewrites: list[_Rewrite] = []
-    claimed: set[int] = set()
-    for attention in [n for n in model.graph.node if n.op_type == "Attention" and not n.domain]:
-        rewrite = _rewrite(attention, graph)
-        # A cache Concat two Attentions read can be taken over by one of them only: both would
-        # produce its output.
-        if rewrite is not None and not claimed & {id(node) for node in rewrite.gone}:
-            claimed |= {id(node) for node in rewrite.gone}
-            rewrites.append(rewrite)
+    candidates = [rewrite for n in model.graph.node if n.op_type == "Attention" and not n.domain and (rewrite := _rewrite(n, graph)) is not None]
+    rewrites = _compatible(list(model.graph.node), candidates, acyclic=False)
     nodes = _apply(list(model.graph.node), rewrites)
     if nodes is None:
         # Some rewrite made a node read what it produces (say, a mask computed from the appended
-        # cache): keep, in order, only the rewrites that leave the graph acyclic; the others stay as traced.
-        kept: list[_Rewrite] = []
-        for rewrite in rewrites:
-            if _apply(list(model.graph.node), [*kept, rewrite]) is not None:
-                kept.append(rewrite)
-        rewrites, nodes = kept, _apply(list(model.graph.node), kept)
+        # cache): keep, in order, only those that leave the graph acyclic; the others stay as traced.
+        rewrites = _compatible(list(model.graph.node), candidates, acyclic=True)
+        nodes = _apply(list(model.graph.node), rewrites)
     if rewrites and nodes is not None:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
         remove_unused(model.graph)
     return len(rewrites)
+
+
+def _compatible(nodes: list[onnx.NodeProto], candidates: list[_Rewrite], acyclic: bool) -> list[_Rewrite]:
+    """The candidates, in order, that take over no node an earlier kept one took (a cache Concat
+    two Attentions read: both would produce its output) and, if `acyclic`, leave no cycle."""
+    kept: list[_Rewrite] = []
+    claimed: set[int] = set()
+    for rewrite in candidates:
+        taken = {id(node) for node in rewrite.gone}
+        if claimed & taken or (acyclic and _apply(nodes, [*kept, rewrite]) is None):
+            continue
+        kept.append(rewrite)
+        claimed |= taken
+    return kept
 
 
 @dataclass

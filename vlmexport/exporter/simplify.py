@@ -252,14 +252,16 @@ def _shape_values(model: onnx.ModelProto, sizes: dict[str, int]) -> tuple[dict[s
                 dim.dim_value = _size(dim.dim_param, sizes)
     for value in fixed.graph.output:
         value.type.tensor_type.ClearField("shape")
+    told: set[str] = set()
     for _ in range(MAX_ROUNDS):
         try:
             inferred = shape_inference.infer_shapes(fixed, data_prop=True)
         except onnx.shape_inference.InferenceError:
             return None
-        shapes = {}
+        shapes, types = {}, {}
         for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
             dims = value.type.tensor_type.shape.dim
+            types[value.name] = value.type.tensor_type.elem_type
             if value.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
                 shapes[value.name] = tuple(int(d.dim_value) for d in dims)
         values, evaluated = _evaluate_web(model, shapes)
@@ -268,13 +270,31 @@ def _shape_values(model: onnx.ModelProto, sizes: dict[str, int]) -> tuple[dict[s
         # they feed — at batch 1 not even the embeddings' sum, whose broadcast cannot tell 1
         # from n there. The evaluator just computed those tensors: shape inference is given
         # their shapes and goes again.
-        learned = {name: array for name, array in evaluated.items() if name not in shapes}
+        learned = _learned(evaluated, shapes, types, told)
         if not learned:
             break
-        fixed.graph.value_info.extend(
-            onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape) for name, array in learned.items()
-        )
+        told.update(info.name for info in learned)
+        outputs = {o.name: o for o in fixed.graph.output}
+        for info in learned:
+            if info.name in outputs:  # shape inference reads an output's own declaration, not value_info
+                outputs[info.name].CopyFrom(info)
+            else:
+                fixed.graph.value_info.append(info)
     return shapes, values
+
+
+def _learned(evaluated: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], types: dict[str, int], told: set[str]) -> list[onnx.ValueInfoProto]:
+    """The evaluated tensors shape inference has not sized, as declarations of their type and
+    shape; none whose type the graph says is another (the evaluator would then not be
+    computing what the graph does: better to tell nothing)."""
+    found = []
+    for name, array in evaluated.items():
+        if name in shapes or name in told:
+            continue
+        elem_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        if types.get(name, onnx.TensorProto.UNDEFINED) in (onnx.TensorProto.UNDEFINED, elem_type):
+            found.append(onnx.helper.make_tensor_value_info(name, elem_type, array.shape))
+    return found
 
 
 def _evaluate_web(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
