@@ -326,6 +326,14 @@ def test_opset_23_graphs_attend_with_one_attention_node_per_layer(export_tiny, t
     assert ops.count("Attention") > 0 and "Softmax" not in ops and not _transposed_around_attention(vision)
 
 
+@pytest.mark.parametrize("vision", ["vit", "clip_vision_model"])
+def test_opset_23_vision_encoders_of_every_kind_attend_without_transposes(export_tiny, vision: str) -> None:
+    # SigLIP is covered above.
+    model = _graph(export_tiny("distilvit", "llama", vision, opset=23), "vision_encoder/model.onnx")
+    attentions = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert attentions and all(len(n.input) == 3 for n in attentions) and not _transposed_around_attention(model)
+
+
 def _transposed_around_attention(model: onnx.ModelProto) -> list[str]:
     """Transposes, Reshapes and Concats that feed an Attention node or read its output, through
     RotaryEmbedding."""
