@@ -4,7 +4,9 @@ top-1 that counts only where the reference's choice is clear of the variant's no
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from vlmexport.errors import ParityError
 from vlmexport.validate.metrics import clear_top1, logit_swing, rel_max, rel_mean, top2_margin
 
 
@@ -64,3 +66,14 @@ def test_logits_are_compared_up_to_the_shift_softmax_ignores() -> None:
     wrong = shifted.copy()
     wrong[0, 0, 0] += 5.0
     assert _logits_values(reference, wrong, bounds)["rel_max"] > 1.0
+
+
+@pytest.mark.parametrize(
+    ("value", "tolerance", "said"),
+    [
+        (0.9998911, 0.9999, "cosine = 0.99989 is outside tolerance 0.9999"),  # at 3 digits both read 1
+        (0.0373, 0.03, "cosine = 0.0373 is outside tolerance 0.03"),
+    ],
+)
+def test_a_parity_error_tells_the_value_from_its_bound(value: float, tolerance: float, said: str) -> None:
+    assert said in str(ParityError("projection projected_prefix", "cosine", value, tolerance))

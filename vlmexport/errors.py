@@ -44,4 +44,7 @@ class ParityError(VlmExportError):
 
     def __init__(self, output: str, metric: str, value: float, tolerance: float, fix: str | None = None) -> None:
         self.output, self.metric, self.value, self.tolerance = output, metric, value, tolerance
-        super().__init__(f"{output}: {metric} = {value:.3g} is outside tolerance {tolerance:.3g}", fix)
+        # Three significant digits, or as many as it takes to tell the two apart (a cosine of
+        # 0.99989 against its bound 0.9999 read "cosine = 1 is outside tolerance 1").
+        digits = next((d for d in range(3, 10) if f"{value:.{d}g}" != f"{tolerance:.{d}g}"), 3)
+        super().__init__(f"{output}: {metric} = {value:.{digits}g} is outside tolerance {tolerance:.{digits}g}", fix)
