@@ -91,6 +91,18 @@ def bundles(shapes: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFa
     return made
 
 
+@pytest.fixture(scope="module")
+def families(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """fp32 distilvit bundles of the decoder families with absolute positions (GPT-2, OPT): their
+    graphs differ from Llama's around the attention (no rotary embedding, learned positions).
+    fp32 only: their tiny random weights leave near ties that int8's float32 path in the browser
+    may break differently from x86's integer kernels."""
+    root = tmp_path_factory.mktemp("web-families")
+    for text in ("gpt2", "opt"):
+        export_bundle(make_checkpoint(f"web-{text}", text=text), root / text, layout="distilvit", verify=False)
+    return [root / "gpt2", root / "opt"]
+
+
 def python_reference(bundle_dir: Path, variant: str, images: list[Path]) -> dict:
     """What the Python runtime computes for these images: pixel values, tokens, captions.
 
@@ -144,10 +156,11 @@ def run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedPro
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_prefix_vlm_in_node_gives_python_tokens_for_both_layouts_fp32_and_int8(node, bundles, shapes, tmp_path: Path, threads: int) -> None:
+def test_prefix_vlm_in_node_gives_python_tokens_for_both_layouts_fp32_and_int8(node, bundles, families, shapes, tmp_path: Path, threads: int) -> None:
     _, images = shapes
     fixture = {
-        "bundles": [python_reference(bundles[layout], variant, images) for layout in bundles for variant in VARIANTS],
+        "bundles": [python_reference(bundles[layout], variant, images) for layout in bundles for variant in VARIANTS]
+        + [python_reference(bundle, "fp32", images) for bundle in families],
         "resize": resize_references(),
         "preprocess": preprocess_references(bundles["distilvit"], images),
     }
