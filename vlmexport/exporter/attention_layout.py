@@ -109,13 +109,14 @@ def fold_attention_layout(model: onnx.ModelProto) -> int:
         return 0
     graph = _Graph(model)
     candidates = [rewrite for n in model.graph.node if n.op_type == "Attention" and not n.domain and (rewrite := _rewrite(n, graph)) is not None]
-    rewrites = _compatible(list(model.graph.node), candidates, acyclic=False)
-    nodes = _apply(list(model.graph.node), rewrites)
+    traced = list(model.graph.node)
+    rewrites = _compatible(traced, candidates, acyclic=False)
+    nodes = _apply(traced, rewrites)
     if nodes is None:
         # Some rewrite made a node read what it produces (say, a mask computed from the appended
         # cache): keep, in order, only those that leave the graph acyclic; the others stay as traced.
-        rewrites = _compatible(list(model.graph.node), candidates, acyclic=True)
-        nodes = _apply(list(model.graph.node), rewrites)
+        rewrites = _compatible(traced, candidates, acyclic=True)
+        nodes = _apply(traced, rewrites)
     if rewrites and nodes is not None:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
