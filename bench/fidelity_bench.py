@@ -17,6 +17,11 @@ decoder on fp32's prefixes, fp32's decoder on its prefixes, and fp32's decoder o
 prefixes plus random noise of `--noise-scales` × the variant's prefix error (one draw, scaled):
 what a random error of that size costs fp32 itself on this checkpoint.
 
+`--draws N` judges each variant N times end to end, draw k on the same images with every pixel
+moved by one float32 ulp (vlmexport.quantize.fidelity.nudged; draw 0 is the table's): an 8-bit
+or 4-bit variant is a step function of its input, so another CPU kind's float kernels give
+another such draw. It prints each variant's spread over the draws.
+
 Targets (issue #12): int8 KL ≤ 0.01, top-1 ≥ 0.95, captions ≥ 90 %, size ≤ 0.30, caption ≥ 1.8×
 faster than fp32; fp16 KL ≤ 0.001; q4 KL ≤ 0.1, size ≤ 0.20.
 """
@@ -63,6 +68,11 @@ def by_kind(result: Fidelity) -> str:
     return f"{rate(result.caption_matches[0::2])} · {rate(result.caption_matches[1::2])}"
 
 
+def spread(values: list[float], spec: str = ".3g") -> str:
+    """min · median · max of one measure over the draws."""
+    return " · ".join(format(v, spec) for v in (min(values), statistics.median(values), max(values)))
+
+
 def scales(text: str) -> tuple[float, ...]:
     """--noise-scales: distinct non-negative multiples, in the order given."""
     try:
@@ -84,12 +94,15 @@ def main() -> int:
     parser.add_argument("--sources", action="store_true", help="also judge each variant's decoder and prefixes apart, and fp32 under prefix noise")
     parser.add_argument("--noise-scales", type=scales, default=(1.0, 0.5, 0.25), help="with --sources: prefix noise as multiples of the variant's prefix error")
     parser.add_argument("--preset", default="smollm2-135m-real", help="a pretrained preset, e.g. smollm2-135m-captioner (trained projection)")
+    parser.add_argument("--draws", type=int, default=1, help="judge each variant on this many one-ulp nudges of the images (draw 0: as they are)")
     args = parser.parse_args()
+    if args.draws < 1:
+        parser.error("--draws: give 1 or more")
 
     from vlmexport.bundle.manifest import read_manifest
     from vlmexport.checkpoint.pretrained import cached_real_checkpoint
     from vlmexport.exporter.export import export_bundle
-    from vlmexport.quantize.fidelity import end_to_end, fidelity_set, sources
+    from vlmexport.quantize.fidelity import end_to_end, fidelity_set, nudged, sources
     from vlmexport.quantize.quantize import quantize_bundle
     from vlmexport.runtime.bundle import open_bundle
     from vlmexport.validate.portable import host_line
@@ -127,9 +140,11 @@ def main() -> int:
     print(f"fp32's captions end (EOS) within the forced tokens on {ended} of {args.images} images; {sum(lengths)} caption positions")
     print("| variant | mean KL (images / text) | KL on caption positions · > 1 nat | median KL · positions > 1 nat · mean without them | top-1, clear margin | captions = fp32 (exact / to first near-tie) | exact on shapes · textures | size vs fp32 | caption vs fp32 |")
     print("|---|---|---|---|---|---|---|---|---|")
+    draws: dict[str, list[Fidelity]] = {}
     for mode in modes:
         margin = profile_named(mode).logits.top1_margin
-        result = end_to_end(fset, bundles[mode], margin)
+        draws[mode] = [end_to_end(nudged(fset, d), bundles[mode], margin) for d in range(args.draws)]
+        result = draws[mode][0]
         speed = fp32_ms / statistics.median(times[mode])
         print(
             f"| {mode} | {result.kl:.4g} ({result.kl_images:.3g} / {result.kl_text:.3g}) | {result.kl_captions:.3g} · {result.knife_edges_captions} "
@@ -138,6 +153,16 @@ def main() -> int:
             f"| {result.captions_equal:.0%} / {result.captions_equal_clear:.0%} | {by_kind(result)} "
             f"| {sizes[mode] / sizes['fp32']:.3f} | {speed:.2f}× |"
         )  # fmt: skip
+    if args.draws > 1:
+        print(f"\nover {args.draws} draws (draw k: every pixel one ulp up or down, seed k; draw 0 as above): min · median · max")
+        print("| variant | mean KL | positions > 1 nat | the others' mean | median position | captions exact | top-1, clear margin | mean KL per draw |")
+        print("|---|---|---|---|---|---|---|---|")
+        for mode, results in draws.items():
+            print(
+                f"| {mode} | {spread([r.kl for r in results])} | {spread([r.knife_edges for r in results], '.0f')} | {spread([r.kl_off_edges for r in results])} "
+                f"| {spread([r.kl_median for r in results], '.2g')} | {spread([r.captions_equal or 0.0 for r in results], '.0%')} "
+                f"| {min(r.top1 for r in results):.3f} (min) | {', '.join(f'{r.kl:.3g}' for r in results)} |"
+            )  # fmt: skip
     if args.sources:
         print("\nwhere the KL comes from: mean KL · positions > 1 nat · captions exact (shapes · textures)")
         print("| variant | prefix error (relative) | its decoder, fp32's prefixes | fp32's decoder, its prefixes | " + " | ".join(f"fp32, prefix + noise {s:g}×" for s in args.noise_scales) + " |")

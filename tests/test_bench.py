@@ -192,3 +192,36 @@ def test_bench_refuses_a_checkpoint_of_another_model_before_measuring(export_tin
     code = main(["bench", "--onnx-dir", str(export_tiny("distilvit")), "--model-dir", str(other), "--tokens", "2", "--repeats", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "not the model the bundle was exported from" in err and "text_type llama vs gpt2" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ulp_sensitivity_compares_each_variant_with_fp32_a_nudge_and_an_emulated_cpu(export_tiny, tmp_path, capsys) -> None:
+    # bench/ulp_sensitivity.py: the evidence behind "one ulp re-draws an 8-bit variant's noise" (fidelity.nudged).
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from vlmexport.quantize.quantize import quantize_bundle
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from ulp_sensitivity import main
+
+    bundle = tmp_path / "onnx"
+    shutil.copytree(export_tiny("compact"), bundle)
+    quantize_bundle(bundle, "int8", verify=False)
+    emulate = ["--emulate", "Haswell"] if shutil.which("qemu-x86_64") else []  # tests/install-deps.sh installs it
+    sys.argv = ["ulp_sensitivity.py", "--onnx-dir", str(bundle), *emulate]
+    assert main() == 0
+    out = capsys.readouterr().out
+    assert out.startswith("CPU: ")
+    rows = {(line.split(" | ")[0][2:], line.split(" | ")[1]): [float(c) for c in line.rstrip(" |").split(" | ")[2:]] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| variant")}
+    assert set(rows) == {(v, s) for v in ("fp32", "int8") for s in ("vision", "prefix", "logits")}
+    assert all(len(cells) == 2 + bool(emulate) for cells in rows.values())
+    for stage in ("vision", "prefix", "logits"):
+        assert rows["fp32", stage][0] == 0 and rows["fp32", stage][1] < 1e-4  # fp32 against itself; one ulp barely moves it
+        assert rows["int8", stage][0] > 1e-4  # the quantization error
+        if emulate:
+            assert rows["fp32", stage][2] < 1e-4  # float kernels of another ISA: ulps
+    sys.argv = ["ulp_sensitivity.py", "--onnx-dir", str(bundle), "--stages", "vision,nope"]
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2

@@ -16,6 +16,7 @@ from vlmexport.quantize.fidelity import (
     end_to_end,
     fidelity_set,
     noisy_prefixes,
+    nudged,
     prefix_error,
     sources,
 )
@@ -38,6 +39,22 @@ def test_compare_counts_knife_edge_positions_apart_from_the_median() -> None:
     assert edged.kl > 10 * calm.kl  # the mean follows the one position ...
     assert edged.kl_median < KNIFE_EDGE / 100 and abs(edged.kl_median - calm.kl_median) < 1e-3  # ... the median does not
     assert abs(edged.kl_off_edges - calm.kl) < 1e-3  # ... nor the mean of the other positions
+
+
+def test_a_draw_moves_every_pixel_by_one_ulp_and_nothing_else() -> None:
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    pixels[0, 0, 0, :3] = [0.0, -0.0, 1e-45]  # zero and the smallest subnormal move too
+    fset = FidelitySet(prefixes=[np.ones((1, 4, 2), np.float32)], ids=[np.array([[1, 2]])], reference=[np.zeros((2, 5), np.float32)], images=2, pixels=pixels)
+
+    assert nudged(fset, 0) is fset
+    one, again, two = nudged(fset, 1), nudged(fset, 1), nudged(fset, 2)
+    for draw in (one, two):
+        assert draw.pixels.dtype == np.float32 and draw.pixels.shape == pixels.shape
+        up = draw.pixels == np.nextafter(pixels, np.float32(np.inf))
+        down = draw.pixels == np.nextafter(pixels, np.float32(-np.inf))
+        assert np.all(up | down) and 0.4 < up.mean() < 0.6  # each value one ulp away, either way
+        assert draw.ids is fset.ids and draw.reference is fset.reference and draw.prefixes is fset.prefixes  # fp32's side unmoved
+    assert np.array_equal(one.pixels, again.pixels) and not np.array_equal(one.pixels, two.pixels)
 
 
 def test_caption_positions_end_at_fp32s_eos() -> None:

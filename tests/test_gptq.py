@@ -193,6 +193,32 @@ def test_float16_scales_compute_exactly_what_the_float32_scales_gptq_chose_for(b
     assert store_scales_half(model) == []  # stored once
 
 
+@pytest.mark.parametrize(("bits", "symmetric"), GRIDS)
+def test_float16_scales_need_the_constant_folding_every_optimization_level_but_disabled_does(bits: int, symmetric: bool) -> None:
+    """What the manifest's scales note (blockwise.FOLDING_NEEDED) tells a runtime: folded, the
+    float16 scales give the float32 scales' result at every optimization level; left to run time
+    (optimizations disabled), onnxruntime's MatMulNBits at accuracy level 4 returns zeros. Should a
+    later onnxruntime compute them, this test fails and the note is to be changed."""
+    import onnxruntime as ort
+
+    from vlmexport.quantize.blockwise import FOLDING_NEEDED, store_scales_half
+
+    model = _matmul(_weight())
+    gptq.replace_matmuls(model, {"x": np.eye(K)}, {"mm": (bits, symmetric)}, BLOCK, 4, scale_bits=11)
+    unseen = _inputs(50, 2)
+    expected = session(model.SerializeToString()).run(None, {"x": unseen})[0]
+    assert store_scales_half(model) == [f"mm_Q{bits}"]
+    levels = ort.GraphOptimizationLevel
+    for level in (levels.ORT_ENABLE_BASIC, levels.ORT_ENABLE_EXTENDED, levels.ORT_ENABLE_ALL, levels.ORT_DISABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": unseen})[0]
+        if level == levels.ORT_DISABLE_ALL:
+            assert not got.any() and np.abs(expected).max() > 0 and "zeros" in FOLDING_NEEDED
+        else:
+            assert np.array_equal(got, expected), level
+
+
 def test_scales_beyond_float16s_range_stay_float32() -> None:
     from vlmexport.quantize.blockwise import store_scales_half
 

@@ -137,7 +137,7 @@ def quantize_blockwise(
         "eight_bit_nodes": high,
         "float16_stored_nodes": halved,
         "scales": (
-            f"float16 for {len(half_scales)} MatMulNBits (a power of two per tensor, cast to float32 at load)"
+            f"float16 for {len(half_scales)} MatMulNBits (a power of two per tensor, cast to float32 at load): {FOLDING_NEEDED}"
             if recipe.scale_storage == "float16"
             else "float32"
         ),
@@ -171,6 +171,15 @@ def _store_half(model: onnx.ModelProto, nodes: set[str]) -> list[str]:
 FLOAT16_SIGNIFICAND = 11  # float16's significant bits (10 stored, one implied)
 
 
+# What a runtime must do for float16-stored scales, recorded in the manifest: onnxruntime 1.32's
+# MatMulNBits at accuracy level 4 packs its scales with its weights when the session starts, and
+# only if they are constants by then; scales that arrive at run time (the Cast and Mul not folded)
+# make it return zeros — measured, 8 and 4 bits, with and without zero points, on AVX512-VNNI and
+# under qemu's AVX2 model; tests/test_gptq.py keeps the claim checked. Any optimization level but
+# "disabled" folds them (onnxruntime's default is "all"; so is this project's, and its web class's).
+FOLDING_NEEDED = "needs onnxruntime's constant folding (any graph optimization level but disabled: unfolded, its MatMulNBits return zeros)"
+
+
 def store_scales_half(model: onnx.ModelProto) -> list[str]:
     """Store every MatMulNBits' float32 scales as float16 times a power of two (one per tensor,
     so the largest lands near 2^14), behind a Cast and a Mul back: half the scales' bytes —
@@ -182,7 +191,7 @@ def store_scales_half(model: onnx.ModelProto) -> list[str]:
     most 2^-12 of themselves: at 8 bits a weight by at most 128 · 2^-12 of a step, a sixteenth of
     its rounding's worst. A tensor whose scales span more than float16's normal range (2^30)
     stays float32. onnxruntime (and onnxruntime-web) fold the Cast and the Mul into float32
-    constants when the session starts. Returns the nodes
+    constants when the session starts — and must: see FOLDING_NEEDED. Returns the nodes
     whose scales moved.
     """
     inits = {i.name: i for i in model.graph.initializer}

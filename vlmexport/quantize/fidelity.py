@@ -172,6 +172,26 @@ def judge(fset: FidelitySet, runner: Bundle, prefixes: list[np.ndarray], margin:
     )
 
 
+def nudged(fset: FidelitySet, draw: int) -> FidelitySet:
+    """`fset` with every pixel value moved by one float32 ulp, up or down by a coin seeded by
+    `draw` (draw 0: `fset` itself). fp32's tokens and logits stay those of the unmoved pixels.
+
+    Why: a variant whose kernels quantize activations (MatMulNBits at accuracy level 4) is a step
+    function of its input. Some of the ~10^5 activations each MatMul rounds sit at a rounding
+    boundary, a one-ulp change flips them, and the flips cascade layer by layer: on the
+    real-weights model, one ulp on every pixel moves the int8, uint8 and q4 vision encoders'
+    outputs by 1.0 % (relative), as far as each is from fp32 — fp32's by 6e-7, fp16's by 7e-5
+    (bench/ulp_sensitivity.py). Another CPU kind's float kernels (or another onnxruntime, thread
+    count or image decoder) differ from this one's by ulps, so they give another such draw: a
+    table row measured once is one sample, and `end_to_end` on a few draws shows its spread.
+    """
+    if draw == 0:
+        return fset
+    up = np.random.default_rng(draw).random(fset.pixels.shape) < 0.5
+    pixels = np.where(up, np.nextafter(fset.pixels, np.float32(np.inf)), np.nextafter(fset.pixels, np.float32(-np.inf)))
+    return dataclasses.replace(fset, pixels=pixels.astype(np.float32))
+
+
 def variant_prefixes(fset: FidelitySet, variant: Bundle) -> list[np.ndarray]:
     """The variant's own image prefixes of `fset`'s images, then `fset`'s text rows (no prefix)."""
     return [variant.prefix(fset.pixels[i : i + 1]) for i in range(fset.images)] + fset.prefixes[fset.images :]
