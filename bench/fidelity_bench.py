@@ -159,7 +159,7 @@ def main() -> int:
         print("|---|---|---|---|---|---|---|---|")
         for mode, results in draws.items():
             print(
-                f"| {mode} | {spread([r.kl for r in results])} | {spread([r.knife_edges for r in results], '.0f')} | {spread([r.kl_off_edges for r in results])} "
+                f"| {mode} | {spread([r.kl for r in results])} | {spread([r.knife_edges for r in results], 'g')} | {spread([r.kl_off_edges for r in results])} "
                 f"| {spread([r.kl_median for r in results], '.2g')} | {spread([r.captions_equal or 0.0 for r in results], '.0%')} "
                 f"| {min(r.top1 for r in results):.3f} (min) | {', '.join(f'{r.kl:.3g}' for r in results)} |"
             )  # fmt: skip

@@ -21,6 +21,12 @@ would hold only for images like those. Unsigned weights (U8U8) widen to int16 be
 multiplying and cannot saturate; MatMulNBits' kernels read from onnxruntime 1.32's MLAS
 (sqnbitgemm_kernel_avx2_int8_blklen32.h, sqnbitgemm_kernel_avx2_int8_blklen64.h) and tested
 adversarially under qemu's Haswell model (tests/test_portable.py).
+
+What this proves is that every integer kernel computes the exact sum on every CPU, given the same
+inputs. It does not make a quantized variant's outputs bit-identical across CPUs: the float
+kernels around those kernels differ by ulps between ISAs, and MatMulNBits' activation roundings
+amplify ulps into another draw of the quantization noise (measured: quantize.fidelity.nudged,
+bench/ulp_sensitivity.py). The same error, not the same numbers — the profiles bound its size.
 """
 
 from __future__ import annotations
