@@ -73,7 +73,7 @@ def emulated(onnx_dir: Path, variants: list[str], stages: tuple[str, ...], cpu: 
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if "TCG doesn't support" not in line]
-            raise SystemExit(f"qemu -cpu {cpu} failed on {variant}: {' '.join(lines[-3:])}")
+            raise RuntimeError(f"qemu-x86_64 -cpu {cpu} failed on {variant}: {' '.join(lines[-3:])} (its models: qemu-x86_64 -cpu help)")
         with np.load(path) as data:
             found[variant] = {stage: data[stage] for stage in stages}
     return found
@@ -106,7 +106,10 @@ def main() -> int:
     here = {v: outputs(args.onnx_dir, v, pixels, stages) for v in variants}
     moved = {v: outputs(args.onnx_dir, v, nudged, stages) for v in variants}
     with tempfile.TemporaryDirectory() as workdir:
-        there = emulated(args.onnx_dir, variants, stages, args.emulate, Path(workdir)) if args.emulate else {}
+        try:
+            there = emulated(args.onnx_dir, variants, stages, args.emulate, Path(workdir)) if args.emulate else {}
+        except RuntimeError as exc:
+            parser.error(str(exc))
     columns = ["vs fp32", "one ulp"] + ([f"that CPU ({args.emulate})"] if there else [])
     print(f"\nrelative change, one image, 1 thread: {' | '.join(columns)}")
     print("| variant | stage | " + " | ".join(columns) + " |")

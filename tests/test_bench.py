@@ -221,7 +221,10 @@ def test_ulp_sensitivity_compares_each_variant_with_fp32_a_nudge_and_an_emulated
         assert rows["int8", stage][0] > 1e-4  # the quantization error
         if emulate:
             assert rows["fp32", stage][2] < 1e-4  # float kernels of another ISA: ulps
-    sys.argv = ["ulp_sensitivity.py", "--onnx-dir", str(bundle), "--stages", "vision,nope"]
-    with pytest.raises(SystemExit) as exited:
-        main()
-    assert exited.value.code == 2
+    bad = [["--stages", "vision,nope"]] + ([["--stages", "vision", "--variants", "fp32", "--emulate", "NoSuchCpu"]] if emulate else [])
+    for args in bad:
+        sys.argv = ["ulp_sensitivity.py", "--onnx-dir", str(bundle), *args]
+        with pytest.raises(SystemExit) as exited:
+            main()
+        assert exited.value.code == 2
+    assert not emulate or "unable to find CPU model 'NoSuchCpu'" in capsys.readouterr().err
