@@ -180,8 +180,8 @@ def nudged(fset: FidelitySet, draw: int) -> FidelitySet:
     function of its input. Some of the ~10^5 activations each MatMul rounds sit at a rounding
     boundary, a one-ulp change flips them, and the flips cascade layer by layer: on the
     real-weights model, one ulp on every pixel moves the int8, uint8 and q4 vision encoders'
-    outputs by 1.0 % (relative), as far as each is from fp32 — fp32's by 6e-7, fp16's by 7e-5
-    (bench/ulp_sensitivity.py). Another CPU kind's float kernels (or another onnxruntime, thread
+    outputs by 0.7–1.0 % (relative; a sample image, random pixels), about as far as the 8-bit
+    ones are from fp32 — fp32's by 5–7e-7, fp16's by 4–7e-5 (bench/ulp_sensitivity.py). Another CPU kind's float kernels (or another onnxruntime, thread
     count or image decoder) differ from this one's by ulps, so they give another such draw: a
     table row measured once is one sample, and `end_to_end` on a few draws shows its spread.
     """
