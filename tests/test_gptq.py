@@ -228,3 +228,60 @@ def test_scales_beyond_float16s_range_stay_float32() -> None:
     gptq.replace_matmuls(model, {"x": np.eye(K)}, {"mm": (8, True)}, BLOCK, 4, scale_bits=11)
     assert store_scales_half(model) == []
     assert all(i.data_type != onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("rows", [K, K - 16])  # whole blocks (GPTQ), and a padded last block (the quantizer's)
+def test_a_float_computed_matmul_is_its_8_bit_codes_expanded_at_run_time_not_fused_back(symmetric: bool, rows: int, tmp_path) -> None:
+    """blockwise.matmul_in_float: the same stored codes, computed as MatMulNBits' float kernel
+    (accuracy level 1) computes them — no activation rounding, unlike level 4 — at every
+    optimization level; onnxruntime neither folds the expansion into float32 weights (memory) nor
+    fuses it back into a level-4 MatMulNBits."""
+    import onnxruntime as ort
+
+    from vlmexport.errors import BundleError
+    from vlmexport.quantize.blockwise import matmul_in_float, store_scales_half
+
+    weight = _weight()[:rows]
+    model = _matmul(weight)
+    model.opset_import[0].version = 21
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = rows
+    if rows % BLOCK:
+        with quiet_root_logger():
+            quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=BLOCK, is_symmetric=symmetric, accuracy_level=4)
+            quantizer.process()
+        model = quantizer.model.model
+    else:
+        gptq.replace_matmuls(model, {"x": np.eye(K)}, {"mm": (8, symmetric)}, BLOCK, 4, scale_bits=11)
+        store_scales_half(model)
+    unseen = _inputs(50, 2)[:, :rows]
+    level = {}
+    for accuracy in (1, 4):
+        for node in model.graph.node:
+            for attribute in (a for a in node.attribute if a.name == "accuracy_level"):
+                attribute.i = accuracy
+        level[accuracy] = session(model.SerializeToString()).run(None, {"x": unseen})[0]
+    for change in ("bits", "opset"):
+        other = onnx.ModelProto()
+        other.CopyFrom(model)
+        if change == "bits":
+            next(a for n in other.graph.node for a in n.attribute if a.name == "bits").i = 4
+        else:
+            other.opset_import[0].version = 17  # no blocked DequantizeLinear before opset 21
+        with pytest.raises(BundleError):
+            matmul_in_float(other, ("mm",))
+
+    assert matmul_in_float(model, ("other",)) == []
+    assert matmul_in_float(model, ("m*",)) == ["mm"]
+    assert not any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    assert {i.data_type for i in model.graph.initializer if i.name.endswith("_codes")} == {onnx.TensorProto.UINT8 if not symmetric else onnx.TensorProto.INT8}
+    levels = ort.GraphOptimizationLevel
+    for optimization in (levels.ORT_ENABLE_ALL, levels.ORT_DISABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = optimization
+        options.optimized_model_filepath = str(tmp_path / f"{optimization}.onnx")
+        got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": unseen})[0]
+        assert np.abs(got - level[1]).max() <= 1e-5 * np.abs(level[1]).max(), optimization
+        assert np.abs(got - level[4]).max() > 100 * np.abs(got - level[1]).max()  # level 4 rounds the activations
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / f"{levels.ORT_ENABLE_ALL}.onnx")).graph.node]
+    assert optimized[-3:] == ["DequantizeLinear", "Reshape", "MatMul"] and "MatMulNBits" not in optimized

@@ -317,7 +317,14 @@ def test_uint8_blocks_have_zero_points_and_int8_decoder_blocks_are_symmetric(bun
         return {len(n.input) > 3 and bool(n.input[3]) for n in nodes}
 
     assert zero_points(f"decoder/model_{mode}.onnx") == {decoder_zero_points}
-    assert zero_points(f"vision_encoder/model_{mode}.onnx") == {True}  # both: zero points for the encoders (measured)
+    vision = onnx.load(str(onnx_dir / f"vision_encoder/model_{mode}.onnx")).graph
+    if mode == "uint8":
+        assert zero_points(f"vision_encoder/model_{mode}.onnx") == {True}  # zero points for the encoders (measured)
+    else:  # int8's vision encoder: the same 8-bit codes with zero points, computed in float32 (ENCODER_RECIPES)
+        matmuls = [n for n in vision.node if n.op_type == "MatMul"]
+        assert zero_points(f"vision_encoder/model_{mode}.onnx") == set() and matmuls
+        assert len([n for n in vision.node if n.name.endswith("_zero_f")]) == len(matmuls)
+        assert {i.data_type for i in vision.initializer if i.name.endswith("_codes")} == {onnx.TensorProto.UINT8}
     # Both 8-bit variants keep the projection float32 (KEEP_FP32_8BIT, measured on the real-weights model).
     projection = onnx.load(str(onnx_dir / f"projection_{mode}.onnx")).graph
     assert zero_points(f"projection_{mode}.onnx") == set() and [n.op_type for n in projection.node if "MatMul" in n.op_type] == ["MatMul"]

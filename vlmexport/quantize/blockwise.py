@@ -74,6 +74,10 @@ class BlockwiseRecipe:
     # float32 and scaled at load; GPTQ rounds its codes against the float16 scales; store_scales_half)
     # or "float32", as onnxruntime's quantizer writes them.
     scale_storage: Literal["float32", "float16"] = "float32"
+    # fnmatch patterns of MatMul nodes whose 8-bit codes are computed in float32: stored as the
+    # others are, expanded to a float32 weight by standard ops that the runtime folds when the
+    # session starts (matmul_in_float): no activation rounding, float32's speed and memory.
+    float_compute: tuple[str, ...] = field(default_factory=tuple)
 
     def describe(self) -> str:
         stored = " (stored float16)" if self.kept_storage == "float16" else ""
@@ -84,7 +88,9 @@ class BlockwiseRecipe:
         options = [name for name, on in (("act-order", self.act_order), ("clipped ranges", self.clip)) if on]
         rounding = f", rounded by GPTQ{' (' + ', '.join(options) + ')' if options else ''} on calibration images" if self.algorithm == "gptq" else ""
         high = f"; 8-bit: {', '.join(self.high_bits)}" if self.high_bits and self.bits < 8 else ""
-        return f"{self.bits}-bit {kind}, blocks of {self.block_size}, accuracy_level {self.accuracy_level}{rounding}{high}{kept}"
+        which = "every MatMul" if self.float_compute == ("*",) else ", ".join(self.float_compute)
+        computed = f"; computed in float32 (8-bit codes expanded at load): {which}" if self.float_compute else ""
+        return f"{self.bits}-bit {kind}, blocks of {self.block_size}, accuracy_level {self.accuracy_level}{rounding}{high}{kept}{computed}"
 
 
 def quantize_blockwise(
@@ -126,11 +132,14 @@ def quantize_blockwise(
     shared.store_shared_weights_once(model)  # an excluded head's float table: once again
     halved = _store_half(model, kept) if recipe.kept_storage == "float16" else []
     half_scales = store_scales_half(model) if recipe.scale_storage == "float16" else []
+    in_float = matmul_in_float(model, recipe.float_compute)
     described = recipe if rounded or recipe.algorithm != "gptq" else dataclasses.replace(recipe, algorithm="rtn")
     record = {
         "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer" + (f" (GPTQ's codes for {len(rounded)} nodes: vlmexport.quantize.gptq)" if rounded else ""),
         "weights": described.describe(),
-        "activations": "float32 in and out; int8 per block inside the kernel (accuracy_level 4)",
+        "activations": "float32 in and out; int8 per block inside the kernel (accuracy_level 4)"
+        + (f"; float32 throughout in the {len(in_float)} MatMuls computed in float" if in_float else ""),
+        "float_computed_nodes": in_float,
         "tied_table": _table_note(found, tables, shared_ok, recipe),
         "excluded_nodes": len(exclude),
         "excluded": sorted(exclude),
@@ -225,6 +234,76 @@ def _as_float16(graph: onnx.GraphProto, init: onnx.TensorProto, values: np.ndarr
         nodes.append(helper.make_node("Mul", [cast, f"{name}_unscale"], [name], name=f"{name}_unscaled"))
     for position, node in enumerate(nodes):
         graph.node.insert(position, node)
+
+
+def matmul_in_float(model: onnx.ModelProto, patterns: tuple[str, ...]) -> list[str]:
+    """Replace each 8-bit MatMulNBits whose MatMul name matches `patterns` by a MatMul of a
+    float32 weight that a DequantizeLinear (blocks along K, opset 21) makes from the same codes,
+    zero points and scales at run time: (code − zero point) · scale. Returns the MatMuls so
+    replaced.
+
+    Why: MatMulNBits at accuracy level 4 rounds each activation block to 8 bits, and its level-1
+    (float) kernel for 8 bits takes 1.6× fp32's time on the real-weights vision encoder (AMD
+    EPYC AVX512-VNNI). Standard ops of constants (Cast, Sub, Mul) would be folded into float32
+    weights when the session starts — fp32's speed, but more memory than fp32 itself (the
+    folding's float32 copies stay in onnxruntime's arena: the real-weights int8 bundle held
+    1.46 GB after a caption against fp32's 1.13 GB). onnxruntime never folds DequantizeLinear (it
+    keeps QDQ groups whole) and fuses a DequantizeLinear that feeds a MatMul directly into a
+    level-4 MatMulNBits — so a Reshape to the weight's own shape sits between them: each run
+    expands the weights into transient buffers (0.5 ms a 768×3072 weight) and multiplies in
+    float32; should a runtime fold or fuse them anyway, the values are the same.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    replaced, stale = [], set()
+    for node in [n for n in graph.node if n.op_type == "MatMulNBits"]:
+        matmul = node.name.rsplit("_Q", 1)[0]
+        if not any(fnmatch.fnmatchcase(matmul, p) for p in patterns):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n, block = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
+        a, codes, scales = node.input[:3]
+        zero = node.input[3] if len(node.input) > 3 else ""
+        if int(attrs["bits"]) != 8 or any(node.input[4:]) or codes not in inits or zero and zero not in inits or opset < 21:
+            raise BundleError(
+                f"{node.name}: only 8-bit MatMulNBits with constant codes, no g_idx or bias, in an opset-21+ graph compute in float here",
+                "drop it from float_compute",
+            )
+        blocks, p = -(-k // block), node.name
+        # MatMulNBits stores codes [N, blocks, block] (K padded to whole blocks); DequantizeLinear
+        # takes them [K, N], a scale and zero point per block of K rows and column.
+        laid = numpy_helper.to_array(inits[codes]).reshape(n, blocks, block).transpose(1, 2, 0).reshape(blocks * block, n)[:k]
+        if zero:
+            zeros = numpy_helper.to_array(inits[zero]).reshape(n, blocks).T
+        else:  # symmetric: MatMulNBits' zero point is 2^(bits-1); signed codes need none
+            laid, zeros = (laid.astype(np.int16) - 2**7).astype(np.int8), None
+        graph.initializer.extend([
+            numpy_helper.from_array(np.ascontiguousarray(laid), f"{p}_codes"),
+            numpy_helper.from_array(np.array([n, blocks], np.int64), f"{p}_scales_nb"),
+            numpy_helper.from_array(np.array([k, n], np.int64), f"{p}_shape"),
+        ])  # fmt: skip
+        dequantize = [f"{p}_codes", f"{p}_scales_bn"]
+        if zeros is not None:
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(zeros), f"{p}_zero"))
+            dequantize.append(f"{p}_zero")
+        nodes = [
+            helper.make_node("Reshape", [scales, f"{p}_scales_nb"], [f"{p}_scales_2d"], name=f"{p}_scales_2d"),
+            helper.make_node("Transpose", [f"{p}_scales_2d"], [f"{p}_scales_bn"], name=f"{p}_scales_bn", perm=[1, 0]),
+            helper.make_node("DequantizeLinear", dequantize, [f"{p}_w"], name=f"{p}_w", axis=0, block_size=block),
+            helper.make_node("Reshape", [f"{p}_w", f"{p}_shape"], [f"{p}_w_unfused"], name=f"{p}_w_unfused"),
+            helper.make_node("MatMul", [a, f"{p}_w_unfused"], list(node.output), name=matmul),
+        ]
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, new in enumerate(nodes):
+            graph.node.insert(at + offset, new)
+        replaced.append(matmul)
+        stale.update({codes, zero} - {""})
+    used = {name for node in graph.node for name in node.input}
+    for name in stale - used:  # the MatMulNBits layouts, unless another node (a tied Gather) reads them
+        graph.initializer.remove(inits[name])
+    return sorted(replaced)
 
 
 PROBE = "embedding_table_probe"
