@@ -41,7 +41,9 @@ from vlmexport.runtime.bench import memory_bandwidth
 
 def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
     """A graph's weight matmuls alone (MatMul, MatMulInteger after a quantized activation, or
-    MatMulNBits), each fed an activation of its width and any number of rows."""
+    MatMulNBits), each fed an activation of its width and any number of rows. A MatMul of 8-bit
+    codes computed in float (blockwise.matmul_in_float) keeps its DequantizeLinear and Reshape:
+    they run with it."""
     graph = decoder.graph
     inits = {i.name: i for i in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
@@ -52,14 +54,27 @@ def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
         if name in inits:
             return numpy_helper.to_array(inits[name])
         node = producers.get(name)
-        if node is None or node.op_type not in ("Transpose", "Cast", "Mul"):
+        if node is None or node.op_type not in ("Transpose", "Cast", "Mul", "Reshape"):
             return None
         sources = [constant(i) for i in node.input]
         if any(source is None for source in sources):
             return None
         if node.op_type == "Mul":
             return (sources[0] * sources[1]).astype(np.float32)
+        if node.op_type == "Reshape":
+            return sources[0].reshape(sources[1])
         return sources[0].T if node.op_type == "Transpose" else sources[0].astype(np.float32)
+
+    def dequantized(name: str) -> list[onnx.NodeProto] | None:
+        """The DequantizeLinear and Reshape that make a float-computed MatMul's weight, on copies of their constants."""
+        reshape = producers.get(name)
+        dq = producers.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return None
+        for source in [*dq.input, reshape.input[1]]:
+            if source and source not in {i.name for i in initializers}:
+                initializers.append(numpy_helper.from_array(constant(source), source))
+        return [dq, reshape]
 
     nodes, initializers, outputs, widths = [], [], [], set()
     for index, node in enumerate(n for n in graph.node if n.op_type in ("MatMulInteger", "MatMul", "MatMulNBits")):
@@ -71,6 +86,13 @@ def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
             copy = helper.make_node("MatMulNBits", [f"x{width}", *node.input[1:]], [f"y{index}"], domain="com.microsoft")
             copy.attribute.extend(node.attribute)
             nodes.append(copy)
+            outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, None))
+            continue
+        expansion = dequantized(node.input[1]) if node.op_type == "MatMul" else None
+        if expansion is not None:
+            width = int(constant(expansion[1].input[1])[0])  # the Reshape to the weight's own [K, N]
+            widths.add(width)
+            nodes += [*expansion, helper.make_node("MatMul", [f"x{width}", node.input[1]], [f"y{index}"])]
             outputs.append(helper.make_tensor_value_info(f"y{index}", TensorProto.FLOAT, None))
             continue
         weight = constant(node.input[1])
@@ -93,7 +115,8 @@ def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
         nodes = [helper.make_node("DynamicQuantizeLinear", [f"x{w}"], [f"x{w}q", f"x{w}s", f"x{w}z"]) for w in sorted(widths)] + nodes
     inputs = [helper.make_tensor_value_info(f"x{w}", TensorProto.FLOAT, ["rows", w]) for w in sorted(widths)]
     graph = helper.make_graph(nodes, "matmuls", inputs, outputs, initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    opset = 21 if any(n.op_type == "DequantizeLinear" for n in nodes) else 18  # blocked DequantizeLinear
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
 
 
 def attention_only(layers: int, heads: int, kv_heads: int, head_dim: int, rotary: bool) -> onnx.ModelProto:

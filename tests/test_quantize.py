@@ -321,9 +321,11 @@ def test_uint8_blocks_have_zero_points_and_int8_decoder_blocks_are_symmetric(bun
     if mode == "uint8":
         assert zero_points(f"vision_encoder/model_{mode}.onnx") == {True}  # zero points for the encoders (measured)
     else:  # int8's vision encoder: the same 8-bit codes with zero points, computed in float32 (ENCODER_RECIPES)
+        producers = {o: n for n in vision.node for o in n.output}
         matmuls = [n for n in vision.node if n.op_type == "MatMul"]
+        expansions = [producers[producers[n.input[1]].input[0]] for n in matmuls]
         assert zero_points(f"vision_encoder/model_{mode}.onnx") == set() and matmuls
-        assert len([n for n in vision.node if n.name.endswith("_zero_f")]) == len(matmuls)
+        assert {n.op_type for n in expansions} == {"DequantizeLinear"} and all(len(n.input) == 3 for n in expansions)
         assert {i.data_type for i in vision.initializer if i.name.endswith("_codes")} == {onnx.TensorProto.UINT8}
     # Both 8-bit variants keep the projection float32 (KEEP_FP32_8BIT, measured on the real-weights model).
     projection = onnx.load(str(onnx_dir / f"projection_{mode}.onnx")).graph
