@@ -61,8 +61,8 @@ def weight_matmuls(decoder: onnx.ModelProto) -> onnx.ModelProto:
             return None
         if node.op_type == "Mul":
             return (sources[0] * sources[1]).astype(np.float32)
-        if node.op_type == "Reshape":
-            return sources[0].reshape(sources[1])
+        if node.op_type == "Reshape":  # numpy's reshape, unless ONNX's 0 ("keep this axis") is in the shape
+            return None if 0 in sources[1] else sources[0].reshape(sources[1])
         return sources[0].T if node.op_type == "Transpose" else sources[0].astype(np.float32)
 
     def dequantized(name: str) -> list[onnx.NodeProto] | None:
