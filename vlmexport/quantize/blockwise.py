@@ -137,8 +137,7 @@ def quantize_blockwise(
     record = {
         "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer" + (f" (GPTQ's codes for {len(rounded)} nodes: vlmexport.quantize.gptq)" if rounded else ""),
         "weights": described.describe(),
-        "activations": "float32 in and out; int8 per block inside the kernel (accuracy_level 4)"
-        + (f"; float32 throughout in the {len(in_float)} MatMuls computed in float" if in_float else ""),
+        "activations": _activations_note(model, in_float),
         "float_computed_nodes": in_float,
         "tied_table": _table_note(found, tables, shared_ok, recipe),
         "excluded_nodes": len(exclude),
@@ -152,6 +151,15 @@ def quantize_blockwise(
         ),
     }
     return model, record
+
+
+def _activations_note(model: onnx.ModelProto, in_float: list[str]) -> str:
+    kernel = "int8 per block inside the kernel (accuracy_level 4)"
+    if not in_float:
+        return f"float32 in and out; {kernel}"
+    if not any(n.op_type == "MatMulNBits" for n in model.graph.node):
+        return f"float32 throughout: every quantized MatMul ({len(in_float)}) computed in float"
+    return f"float32 in and out; {kernel}; float32 throughout in the {len(in_float)} MatMuls computed in float"
 
 
 def _store_half(model: onnx.ModelProto, nodes: set[str]) -> list[str]:

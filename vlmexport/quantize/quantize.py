@@ -141,11 +141,12 @@ HQQ_RECIPES: dict[str, BlockwiseRecipe] = {
 # codes, expanded by a DequantizeLinear at each run). At accuracy level 4 the kernel also rounds
 # every activation block to 8 bits, which no recipe here can avoid (the encoder's inputs have no
 # outliers: each MatMul input rounds with 0.5-0.7 % error). Real-weights model, AMD EPYC
-# AVX512-VNNI: the encoder's output error on 8 sample images 0.91 % → 0.38 % (out_proj and fc2 alone in float:
-# 0.54 %); end to end, 96 image prefixes + text, one-ulp draws 0-2: mean KL 0.0118 · 0.0172 ·
-# 0.0189 → 0.0093 · 0.0110 · 0.0124 (the level-1 kernel's sums; out_proj and fc2 alone 0.0150 ·
-# 0.0108 · 0.0148). The cost: the encoder takes about 1.15× fp32's time where level 4 took 0.73×
-# on VNNI (on AVX2 it took 1.5-2×); the file keeps its 8-bit bytes. docs/fidelity.md has the rest.
+# AVX512-VNNI: the encoder's output error on 8 sample images 0.91 % → 0.38 % (out_proj and fc2
+# alone in float: 0.54 %); end to end, 96 image prefixes + text, one-ulp draws 0-4: mean KL
+# 0.0118 · 0.0172 · 0.0189 · 0.0171 · 0.0206 → 0.0118 · 0.0121 · 0.0132 · 0.0135 · 0.0097 (this
+# form; the level-1 kernel's other sums tip other knife edges: draws 0-2 0.0093 · 0.0110 · 0.0124).
+# The cost: the encoder takes about 1.15× fp32's time where level 4 took 0.73× on VNNI (on AVX2
+# it took 1.5-2×); the file keeps its 8-bit bytes. docs/fidelity.md has the rest.
 ENCODER_RECIPES: dict[str, BlockwiseRecipe] = {
     "int8": BlockwiseRecipe(
         bits=8, symmetric=False, algorithm="gptq", keep_fp32=KEEP_FP32_8BIT, kept_storage="float16", scale_storage="float16", float_compute=("*",)
