@@ -2,7 +2,7 @@
 
 | mode  | what it is inside (recorded per file in the manifest)                                   | files          |
 |-------|-----------------------------------------------------------------------------------------|----------------|
-| int8  | MatMulNBits 8-bit blocks of 32, accuracy level 4: decoder symmetric with outliers migrated, vision encoder with zero points; the projection and the most sensitive decoder nodes (layers 0-2, layer 27's gate/up) computed float32 from float16-stored weights (blockwise.py, smooth.py, quantize.KEEP_FP32_8BIT) | `*_int8.onnx`  |
+| int8  | MatMulNBits 8-bit: decoder in symmetric blocks of 16 at accuracy level 4 with outliers migrated, vision encoder in blocks of 32 with zero points computed float32 (blockwise.matmul_in_float); the projection and the most sensitive decoder nodes (layers 0-2, layer 27's gate/up) computed float32 from float16-stored weights (blockwise.py, smooth.py, quantize.KEEP_FP32_8BIT) | `*_int8.onnx`  |
 | uint8 | the same with uint8 codes and a zero point per block                                    | `*_uint8.onnx` |
 | fp16  | convert_float_to_float16, graph I/O fp32, measured-hot nodes in real float32 islands (fp16.py) | `*_fp16.onnx`  |
 | q4    | MatMulNBits 4-bit blocks of 32 with zero points, down_proj and the tied head at 8 bits, the projection and layers 0-1's attention and layer 0's MLP float (float16-stored; quantize.KEEP_FLOAT_Q4) (`--recipe hqq`: decoder by HQQ) | `*_q4.onnx`    |
@@ -12,7 +12,7 @@ against calibration images and prose (feeds.calibrate): the same grid and kernel
 chosen so the rounding errors cancel on real inputs (q4 end to end on the real-weights model
 0.39 → 0.16; the tables below were measured before it, with round-to-nearest). Their
 MatMulNBits scales are stored float16 and rounded to it before GPTQ chooses codes
-(blockwise.store_scales_half: int8 0.296 → 0.282 × fp32, q4 0.200 → 0.184).
+(blockwise.store_scales_half: int8 0.296 → 0.282 × fp32, then 0.291 in blocks of 16; q4 0.200 → 0.184).
 
 `--recipe dynamic` keeps onnxruntime's quantize_dynamic (MatMulInteger; int8 with 7-bit weights,
 uint8 U8U8) for runtimes without MatMulNBits (integer.py). `--keep-fp32 auto` ranks every decoder
