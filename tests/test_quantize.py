@@ -317,7 +317,12 @@ def test_uint8_blocks_have_zero_points_and_int8_decoder_blocks_are_symmetric(bun
         return {len(n.input) > 3 and bool(n.input[3]) for n in nodes}
 
     assert zero_points(f"decoder/model_{mode}.onnx") == {decoder_zero_points}
+    # int8's decoder in blocks of 16, the kernel's activation blocks too (RECIPES: measured on the
+    # real-weights presets); uint8 keeps 32, and so do both vision encoders.
+    decoder = onnx.load(str(onnx_dir / f"decoder/model_{mode}.onnx")).graph
+    assert {a.i for n in decoder.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"} == {16 if mode == "int8" else 32}
     vision = onnx.load(str(onnx_dir / f"vision_encoder/model_{mode}.onnx")).graph
+    assert {a.i for n in vision.node if n.op_type in ("MatMulNBits", "DequantizeLinear") for a in n.attribute if a.name == "block_size"} == {32}
     if mode == "uint8":
         assert zero_points(f"vision_encoder/model_{mode}.onnx") == {True}  # zero points for the encoders (measured)
     else:  # int8's vision encoder: the same 8-bit codes with zero points, computed in float32 (ENCODER_RECIPES)

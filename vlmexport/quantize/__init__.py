@@ -3,7 +3,7 @@
 | mode  | what it is inside (recorded per file in the manifest)                                   | files          |
 |-------|-----------------------------------------------------------------------------------------|----------------|
 | int8  | MatMulNBits 8-bit: decoder in symmetric blocks of 16 at accuracy level 4 with outliers migrated, vision encoder in blocks of 32 with zero points computed float32 (blockwise.matmul_in_float); the projection and the most sensitive decoder nodes (layers 0-2, layer 27's gate/up) computed float32 from float16-stored weights (blockwise.py, smooth.py, quantize.KEEP_FP32_8BIT) | `*_int8.onnx`  |
-| uint8 | the same with uint8 codes and a zero point per block                                    | `*_uint8.onnx` |
+| uint8 | uint8 codes and a zero point per block, in blocks of 32 throughout, its vision encoder at accuracy level 4 | `*_uint8.onnx` |
 | fp16  | convert_float_to_float16, graph I/O fp32, measured-hot nodes in real float32 islands (fp16.py) | `*_fp16.onnx`  |
 | q4    | MatMulNBits 4-bit blocks of 32 with zero points, down_proj and the tied head at 8 bits, the projection and layers 0-1's attention and layer 0's MLP float (float16-stored; quantize.KEEP_FLOAT_Q4) (`--recipe hqq`: decoder by HQQ) | `*_q4.onnx`    |
 

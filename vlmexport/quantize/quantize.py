@@ -77,7 +77,8 @@ KEEP_FLOAT_Q4 = (*PREFIX_ENTRY, "/model/layers.0/mlp/*")
 # · 0.0118 (5-8; 0.0018) against 0.0118-0.0135 (4-5; 0.0028): the typical position and text
 # (0.0026 → 0.0017) gain as there, its random vision tower's knife edges do not move; its decoder
 # alone behind fp32's prefixes 0.0165 → 0.0062 (8 → 1 over 1 nat). The cost: 0.282 → 0.291 ×
-# fp32's bytes, a caption 1.39× → 1.29× fp32's speed (one idle run).
+# fp32's bytes, a caption 1.39× → 1.29× fp32's speed (one idle run); in Chromium (onnxruntime-web,
+# which computes MatMulNBits in float32) 216 → 269 ms a token.
 RECIPES: dict[str, BlockwiseRecipe] = {
     "int8": BlockwiseRecipe(
         bits=8,
