@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from vlmexport.checkpoint.synth import dither_off_grid, grid_step
+from vlmexport.quantize.feeds import CALIBRATION_IMAGES, CALIBRATION_SEED
 from vlmexport.samples import sample_images
 
 
@@ -27,8 +28,8 @@ def test_calibration_images_share_none_with_the_judged_ones() -> None:
     def digests(images: list) -> set[str]:
         return {hashlib.sha256(np.asarray(i).tobytes()).hexdigest() for i in images}
 
-    judged, calibration = digests(sample_images(96, 64)), digests(sample_images(32, 64, seed=1, fixed=False))
-    assert len(calibration) == 32 and not judged & calibration
+    judged, calibration = digests(sample_images(96, 64)), digests(sample_images(CALIBRATION_IMAGES, 64, seed=CALIBRATION_SEED, fixed=False))
+    assert len(calibration) == CALIBRATION_IMAGES and not judged & calibration
     assert judged & digests(sample_images(32, 64, seed=1))  # what fixed=False is for
 
 
