@@ -79,6 +79,7 @@ KEEP_FLOAT_Q4 = (*PREFIX_ENTRY, "/model/layers.0/mlp/*")
 # alone behind fp32's prefixes 0.0165 → 0.0062 (8 → 1 over 1 nat). The cost: 0.282 → 0.291 ×
 # fp32's bytes, a caption 1.39× → 1.29× fp32's speed (one idle run); in Chromium (onnxruntime-web,
 # which computes MatMulNBits in float32) 216 → 269 ms a token.
+# These were calibrated on 32 images; 128 now re-drew the knife edges (feeds.CALIBRATION_IMAGES).
 RECIPES: dict[str, BlockwiseRecipe] = {
     "int8": BlockwiseRecipe(
         bits=8,
