@@ -130,6 +130,21 @@ def test_hessian_sums_are_the_gram_matrix_of_every_row_of_every_run() -> None:
     np.testing.assert_allclose(sums.sums["twice"], 4 * rows.T @ rows, rtol=1e-5, atol=4e-4)
 
 
+def test_hessian_sums_weigh_each_position_and_give_a_shorter_value_the_last_weights() -> None:
+    """With a run's weights, Σ w xᵀx; a value of fewer positions (a head computing only the logits
+    it returns) takes the last weights; more positions than weights is an error."""
+    rng = np.random.default_rng(5)
+    run = rng.standard_normal((1, 12, K)).astype(np.float32)
+    weights = np.array([0.25] * 9 + [1.0] * 3)
+    sums = gptq.HessianSums(["all", "tail"])
+    sums([run, run[:, -4:]], weights)
+    rows = run[0].astype(np.float64)
+    np.testing.assert_allclose(sums.sums["all"], rows.T @ (weights[:, None] * rows), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(sums.sums["tail"], rows[-4:].T @ (weights[-4:, None] * rows[-4:]), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="13 positions, 12 weights"):
+        gptq.HessianSums(["x"])([rng.standard_normal((1, 13, K)).astype(np.float32)], weights)
+
+
 @pytest.mark.parametrize("block", [8, 32])
 @pytest.mark.parametrize(("act_order", "clip"), [(False, False), (True, False), (False, True), (True, True)])
 def test_batched_updates_give_the_codes_of_the_row_by_row_algorithm(block: int, act_order: bool, clip: bool) -> None:

@@ -227,7 +227,9 @@ def test_calibration_probes_see_each_image_and_teacher_forced_pass_and_run_like_
     """GPTQ's calibration runs each probed graph once per pass (feeds.calibrate): the vision
     encoder's probe sees every image, the decoder's every teacher-forced first pass (prefix and
     fp32's caption) and every row of prose, not the captions' greedy steps; outside those, and in
-    what it returns, a probe is its graph's plain session."""
+    what it returns, a probe is its graph's plain session. The decoder's teacher-forced passes
+    come with their positions' weights (the prefix's `prefix_weight`, each caption token 1); the
+    prose and the vision encoder's passes with none."""
     import math
 
     from vlmexport.bundle.tokenizer import load_tokenizer
@@ -244,20 +246,24 @@ def test_calibration_probes_see_each_image_and_teacher_forced_pass_and_run_like_
     files = read_manifest(onnx_dir).variants["fp32"]
     pixels = calibration_images(onnx_dir).pixels[:3]
     seen: dict[str, list] = {"vision_encoder": [], "decoder": []}
+    weighed: dict[str, list] = {"vision_encoder": [], "decoder": []}
     probes = {}
     for name, values in seen.items():
         model = onnx.load(str(onnx_dir / files[name]))
-        probes[name] = Probe(model, [next(n for n in model.graph.node if n.op_type == "MatMul").input[0]], values.append)
+        probes[name] = Probe(model, [next(n for n in model.graph.node if n.op_type == "MatMul").input[0]], lambda got, weights, values=values, name=name: (values.append(got), weighed[name].append(weights)))
     plain = open_bundle(onnx_dir)
     feed = {"pixel_values": pixels[:1]}
     np.testing.assert_allclose(probes["vision_encoder"].run(None, feed)[0], plain.sessions["vision_encoder"].run(None, feed)[0], rtol=1e-5, atol=1e-6)
     assert not seen["vision_encoder"]
-    calibrate(onnx_dir, pixels, probes)
+    calibrate(onnx_dir, pixels, probes, prefix_weight=0.25)
     prefix = plain.prefix(pixels[:1]).shape[1]
     prose = math.ceil(len(load_tokenizer(onnx_dir).encode(CALIBRATION_TEXT.read_text().strip())) / CALIBRATION_ROW)
     assert [len(values) for values in seen.values()] == [3, 3 + prose]
     assert [v[0].shape[1] for v in seen["decoder"][:3]] == [prefix + CALIBRATION_TOKENS] * 3
     assert {v[0].shape[1] for v in seen["decoder"][3:-1]} <= {CALIBRATION_ROW}
+    for weights in weighed["decoder"][:3]:
+        assert weights.tolist() == [0.25] * prefix + [1.0] * CALIBRATION_TOKENS
+    assert weighed["vision_encoder"] == [None] * 3 and weighed["decoder"][3:] == [None] * prose
     assert not any(runner.recording for runner in probes.values())
 
 
@@ -355,6 +361,10 @@ def test_q4_decoder_4bit_blocks_have_zero_points_and_its_8bit_and_encoder_blocks
 
     assert zero_points("decoder/model_q4.onnx") == {4: {True}, 8: {False}}  # 8 bits: down_proj and the head
     assert zero_points("vision_encoder/model_q4.onnx") == {4: {False}}
+    # GPTQ's decoder Hessians weigh each prefix position a quarter (RECIPES["q4"]), and say so.
+    files = read_manifest(onnx_dir).files
+    assert "each prefix position weighing 0.25 of a token's" in files["decoder/model_q4.onnx"]["quantization"]["calibration"]
+    assert "weighing" not in files["vision_encoder/model_q4.onnx"]["quantization"]["calibration"]
 
 
 def test_dynamic_recipe_uint8_uses_unsigned_weights_and_int8_signed_seven_bit(bundle) -> None:

@@ -65,6 +65,9 @@ class BlockwiseRecipe:
     act_order: bool = False
     clip: bool = False
     smooth_alpha: float | None = 0.4  # outlier migration in decoder graphs (smooth.py); None: none
+    # With "gptq", in a decoder's Hessians: the weight of each image-prefix position against each
+    # caption token's and prose row's 1 (feeds.calibrate).
+    prefix_weight: float = 1.0
     # fnmatch patterns of MatMul nodes the recipe itself keeps float32 (beside --exclude-nodes).
     keep_fp32: tuple[str, ...] = field(default_factory=tuple)
     # How the weights of those nodes are stored: "float16" (cast to float32 at load: computed in

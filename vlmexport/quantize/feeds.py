@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from vlmexport.bundle.manifest import read_manifest
+from vlmexport.bundle.manifest import decoder_graphs, read_manifest
 from vlmexport.bundle.preprocess import IMAGE_SUFFIXES, bundle_preprocessor, image_names, open_image
 from vlmexport.bundle.tokenizer import load_tokenizer
 from vlmexport.errors import UsageError
@@ -42,7 +42,7 @@ STEPS = 6
 # captioner preset 0.0050 · 0.0051 · 0.0047 (0) → 0.0069 · 0.0088 · 0.0083 (3-4) — every draw of
 # both presets under int8's goal, where 32 left each of the first's over it. uint8 the same within
 # its draws (0.0139-0.0180 → 0.0159-0.0189). The cost: quantize takes 2.7× as long (two runs
-# sharing the 2 cores: 290 → 794 s).
+# sharing the 2 cores: 290 → 794 s). q4 has since weighed its prefix rows a quarter (RECIPES["q4"]).
 CALIBRATION_IMAGES = 128
 CALIBRATION_TOKENS = 20
 CALIBRATION_SEED = 1
@@ -115,12 +115,14 @@ def calibration_images(onnx_dir: Path, folder: Path | None = None) -> Calibratio
     return CalibrationImages(pixels, f"{chosen} images in {folder.name or folder}/ (--calibration-images)")
 
 
-def calibrate(onnx_dir: Path, pixels: np.ndarray, probes: Mapping[str, Probe], tokens: int = CALIBRATION_TOKENS) -> None:
+def calibrate(onnx_dir: Path, pixels: np.ndarray, probes: Mapping[str, Probe], tokens: int = CALIBRATION_TOKENS, prefix_weight: float = 1.0) -> None:
     """GPTQ's calibration, run on the fp32 bundle with `probes` (component → Probe of its fp32
     graph) in place of those components' sessions: each image of `pixels` (calibration_images)
     is encoded, then teacher-forced in one first pass — its prefix, then fp32's greedy caption of
     it; then the calibration text, a first pass per row with no prefix. The probes record those
-    passes, not the caption's own greedy steps.
+    passes, not the caption's own greedy steps. In the teacher-forced passes, each position of
+    the image prefix weighs `prefix_weight` in the first-pass graph's Hessians, each caption
+    token and row of prose 1 (HessianSums).
 
     One pass per image holds every position's activations without a growing cache of past keys
     and values. Where the cached steps have a graph of their own (distilvit's language_model),
@@ -147,31 +149,36 @@ def calibrate(onnx_dir: Path, pixels: np.ndarray, probes: Mapping[str, Probe], t
     ]
     tokens_of_text = load_tokenizer(onnx_dir).encode(CALIBRATION_TEXT.read_text().strip())
     no_prefix = np.zeros((1, 0, int(bundle.manifest.model["embed_dim"])), np.float32)
-    with _recording(probes):
+    first = decoder_graphs(manifest.layout)[0]
+    weights = {first: np.array([prefix_weight] * prefixes[0].shape[1] + [1.0] * tokens)} if prefixes and prefix_weight != 1 else {}
+    with _recording(probes, weights):
         for prefix, caption in zip(prefixes, captions, strict=True):
             bundle.first_pass(prefix, np.array([caption], np.int64))
+    with _recording(probes):
         for start in range(0, len(tokens_of_text), CALIBRATION_ROW):
             bundle.first_pass(no_prefix, np.array([tokens_of_text[start : start + CALIBRATION_ROW]], np.int64))
 
 
 @contextmanager
-def _recording(probes: Mapping[str, Probe]) -> Iterator[None]:
-    for runner in probes.values():
-        runner.recording = True
+def _recording(probes: Mapping[str, Probe], weights: Mapping[str, np.ndarray] | None = None) -> Iterator[None]:
+    """The probes record; `weights` (graph → one weight per position of each run) are handed to
+    their sinks with the values."""
+    for name, runner in probes.items():
+        runner.recording, runner.weights = True, (weights or {}).get(name)
     try:
         yield
     finally:
         for runner in probes.values():
-            runner.recording = False
+            runner.recording, runner.weights = False, None
 
 
 class Probe:
     """An onnxruntime session of `model` that also computes the tensors `names` inside it. It
     runs as the plain session would (the same outputs); while `recording`, each run also hands
-    the values of `names` to `sink`, in that order. One graph, one run: probing adds outputs,
-    not passes."""
+    the values of `names` to `sink`, in that order, with `weights` (None, or one weight per
+    position of the run). One graph, one run: probing adds outputs, not passes."""
 
-    def __init__(self, model: onnx.ModelProto, names: list[str], sink: Callable[[list[np.ndarray]], None], spin: bool = True) -> None:
+    def __init__(self, model: onnx.ModelProto, names: list[str], sink: Callable[[list[np.ndarray], np.ndarray | None], None], spin: bool = True) -> None:
         probed = onnx.ModelProto()
         probed.CopyFrom(model)
         self.outputs = [o.name for o in model.graph.output]
@@ -180,17 +187,18 @@ class Probe:
         del probed
         self.inputs = {i.name for i in self.session.get_inputs()}
         self.names, self.sink, self.recording = list(names), sink, False
+        self.weights: np.ndarray | None = None
 
     def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         wanted = self.outputs if outputs is None else list(outputs)
         extra = self.names if self.recording else []
         if not wanted and not extra:  # onnxruntime reads no output names as all of them
             if self.recording:
-                self.sink([])
+                self.sink([], self.weights)
             return []
         values = self.session.run(wanted + extra, {k: v for k, v in feeds.items() if k in self.inputs})
         if self.recording:
-            self.sink(values[len(wanted) :])
+            self.sink(values[len(wanted) :], self.weights)
         return values[: len(wanted)]
 
 
@@ -198,7 +206,7 @@ def probe(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]], names:
     """The values of the tensors `names` inside `model`, per feed: the graph run with them as
     extra outputs (one run per feed, no copy of the weights kept beyond the session's)."""
     got: list[list[np.ndarray]] = []
-    runner = Probe(model, names, got.append)
+    runner = Probe(model, names, lambda values, _: got.append(values))
     runner.recording = True
     for feed in feeds:
         runner.run([], feed)

@@ -67,15 +67,24 @@ class Rounded:
 
 
 class HessianSums:
-    """Σ xᵀx (float64, [K, K]) of each tensor in `names`, summed as runs hand over their values
-    (rows: every position of every run) — a feeds.Probe's sink."""
+    """Σ w xᵀx (float64, [K, K]) of each tensor in `names`, summed as runs hand over their values
+    (rows: every position of every run, each of weight w, 1 unless the run gives `weights`) — a
+    feeds.Probe's sink."""
 
     def __init__(self, names: list[str]) -> None:
         self.names = list(names)
         self.sums: dict[str, np.ndarray] = {}
 
-    def __call__(self, values: list[np.ndarray]) -> None:
+    def __call__(self, values: list[np.ndarray], weights: np.ndarray | None = None) -> None:
+        """`weights`: one per position of the run. A value with fewer positions (a graph that
+        keeps only the last ones, as a head computing only the logits it returns) takes the last."""
         for name, value in zip(self.names, values, strict=True):
+            if weights is not None:
+                positions = value.shape[-2]
+                if positions > len(weights):
+                    raise ValueError(f"{name}: {positions} positions, {len(weights)} weights")
+                # Each row times √w, so that its xᵀx counts w times.
+                value = value * np.sqrt(weights[len(weights) - positions :]).astype(np.float32)[:, None]
             # One run's product in float32 (a few hundred rows: relative error ~1e-6, and twice
             # float64's speed), the sum over runs in float64. Products over more rows at a time
             # ran BLAS faster (1024 rows: 25 s less on the real-weights int8) but round
