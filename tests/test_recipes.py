@@ -139,3 +139,25 @@ def test_hqq_recipe_optimises_q4_decoder_blocks_and_keeps_the_head_8_bit(bundle)
     assert len(zero_points) == len(bits) - 1  # HQQ's per-block zero points; the 8-bit head is symmetric
     decoder = next(r for r in report.rows if r.component == "decoder")
     assert "HQQ" in decoder.settings["weights"] and "smoothing" not in decoder.settings
+
+
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_high_bit_nodes_take_their_own_block_size(shapes_bundle: Path, rounding: str) -> None:
+    model = _decoder(shapes_bundle)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in {i.name for i in model.graph.initializer}]
+    # GPTQ rounds a MatMul it has a Hessian for; an identity one keeps this about block sizes.
+    widths = {i.name: i.dims[0] for i in model.graph.initializer if len(i.dims) == 2}
+    hessians = {n.input[0]: np.eye(widths[n.input[1]]) for n in matmuls} if rounding == "gptq" else None
+    recipe = BlockwiseRecipe(bits=4, symmetric=False, block_size=16, high_bits=("*down_proj*",), high_block_size=32, algorithm=rounding, smooth_alpha=None)
+    quantized, record = quantize_blockwise(model, recipe, [], hessians=hessians)
+    blocks = {
+        n.name: ({a.name: a.i for a in n.attribute}["bits"], {a.name: a.i for a in n.attribute}["block_size"])
+        for n in quantized.graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    down = {name: b for name, b in blocks.items() if "down_proj" in name}
+    assert down and set(down.values()) == {(8, 32)}
+    assert {b for name, b in blocks.items() if "down_proj" not in name} == {(4, 16)}
+    assert "8-bit in blocks of 32: *down_proj*" in record["weights"]
+    if rounding == "gptq":  # both groups rounded by GPTQ (the tied head is always rounded to nearest)
+        assert f"GPTQ's codes for {sum('lm_head' not in name for name in blocks)} nodes" in record["method"]

@@ -55,6 +55,9 @@ class BlockwiseRecipe:
     accuracy_level: int = 4  # int8 compute of the activations where the runtime has such kernels
     # fnmatch patterns of MatMul nodes given 8 bits in a 4-bit recipe (mixed precision).
     high_bits: tuple[str, ...] = field(default_factory=tuple)
+    # Their block size (None: block_size): an 8-bit block's scale costs as many bytes as a 4-bit
+    # block's, for a sixteenth of the rounding error.
+    high_block_size: int | None = None
     # "rtn" rounds each block to its nearest codes; "gptq" rounds the MatMuls it is given Hessians
     # for so their errors cancel on calibration inputs (gptq.py; same grid, same kernels), the
     # rest as rtn; "hqq" (onnxruntime's HQQ config: zero points and scales optimised per block,
@@ -90,7 +93,8 @@ class BlockwiseRecipe:
         kind = "symmetric" if self.symmetric else "asymmetric (zero points)"
         options = [name for name, on in (("act-order", self.act_order), ("clipped ranges", self.clip)) if on]
         rounding = f", rounded by GPTQ{' (' + ', '.join(options) + ')' if options else ''} on calibration images" if self.algorithm == "gptq" else ""
-        high = f"; 8-bit: {', '.join(self.high_bits)}" if self.high_bits and self.bits < 8 else ""
+        high_blocks = f" in blocks of {self.high_block_size}" if self.high_block_size and self.high_block_size != self.block_size else ""
+        high = f"; 8-bit{high_blocks}: {', '.join(self.high_bits)}" if self.high_bits and self.bits < 8 else ""
         which = "every MatMul" if self.float_compute == ("*",) else ", ".join(self.float_compute)
         computed = f"; computed in float32 (8-bit codes dequantized each run): {which}" if self.float_compute else ""
         return f"{self.bits}-bit {kind}, blocks of {self.block_size}, accuracy_level {self.accuracy_level}{rounding}{high}{kept}{computed}"
@@ -120,16 +124,19 @@ def quantize_blockwise(
     high = sorted({n for n in matmuls if n in (high_nodes or []) or any(fnmatch.fnmatchcase(n, p) for p in recipe.high_bits)})
     if recipe.bits >= 8:
         high = []
+    high_block = recipe.high_block_size or recipe.block_size
     rounded: list[str] = []
     if recipe.algorithm == "gptq" and hessians:
         # A tied head is rounded to nearest: GatherBlockQuantized reads its codes as the
         # embeddings, whose error H (the head's inputs) says nothing about.
         heads = {name for table in tables for name in table.matmul_nodes}
-        grids = {name: ((8, True) if name in high else (recipe.bits, recipe.symmetric)) for name in matmuls if name not in heads}
         scale_bits = FLOAT16_SIGNIFICAND if recipe.scale_storage == "float16" else None
-        rounded = gptq.replace_matmuls(model, hessians, grids, recipe.block_size, recipe.accuracy_level, recipe.act_order, recipe.clip, scale_bits)
+        low = [name for name in matmuls if name not in high]
+        for names, block, grid in ((high, high_block, (8, True)), (low, recipe.block_size, (recipe.bits, recipe.symmetric))):
+            grids = {name: grid for name in names if name not in heads}
+            rounded += gptq.replace_matmuls(model, hessians, grids, block, recipe.accuracy_level, recipe.act_order, recipe.clip, scale_bits)
     if high:
-        model = _nbits(model, BlockwiseRecipe(8, True, recipe.block_size, recipe.accuracy_level), 8, exclude, include=[n for n in high if n not in rounded])
+        model = _nbits(model, BlockwiseRecipe(8, True, high_block, recipe.accuracy_level), 8, exclude, include=[n for n in high if n not in rounded])
     model = _nbits(model, recipe, recipe.bits, exclude, include=None)
     shared_ok = [_gather_from_head(model, table) for table in tables]
     shared.store_shared_weights_once(model)  # an excluded head's float table: once again
