@@ -83,6 +83,10 @@ def test_a_kl_goal_is_optional_checked_and_never_looser_than_the_bound(tmp_path:
     int8, fp32 = profile_named("int8"), profile_named("fp32")
     assert fp32.end_to_end.target_kl is None  # optional: most profiles' bound is their goal
     assert int8.end_to_end.target_kl is not None and int8.end_to_end.target_kl < int8.end_to_end.teacher_forced_kl
+    # Issue #12's goals, whether a profile judges its goal (fp16) or reports it beside a parity bound.
+    goals = {mode: profile_named(mode).end_to_end.goal_kl for mode in ("int8", "uint8", "fp16", "q4")}
+    assert goals == {"int8": 0.01, "uint8": 0.01, "fp16": 0.001, "q4": 0.1}
+    assert fp32.end_to_end.goal_kl == fp32.end_to_end.teacher_forced_kl
     text = (PROFILE_DIR / "int8.toml").read_text()
     for value, problem in (("0.5", "target_kl = 0.5 exceeds teacher_forced_kl"), ('"low"', "target_kl = 'low' must be a number")):
         path = tmp_path / "goal.toml"

@@ -80,7 +80,7 @@ def test_keep_fp32_auto_keeps_the_costliest_nodes_until_the_target_holds(bundle,
     # A decoder KL target (1e-4 nats) the all-quantized q4 decoder misses, so nodes must be kept;
     # keeping every node float32 meets it (smoothing is exact up to float rounding).
     target = 1e-4
-    monkeypatch.setattr("vlmexport.quantize.quantize.AUTO_KL_SHARE", target / profile_named("q4").end_to_end.teacher_forced_kl)
+    monkeypatch.setattr("vlmexport.quantize.quantize.AUTO_KL_SHARE", target / profile_named("q4").end_to_end.goal_kl)
     report = quantize_bundle(onnx_dir, "q4", verify=False, keep_fp32="auto")
     choice = report.keep_fp32
     assert choice.all_low.kl > target, "the target must need kept nodes for this test to mean anything"

@@ -575,8 +575,7 @@ def _auto_keep(
     measurer = sensitivity.Measurer(graph, template, component, fset, margin)
     ranking = sensitivity.rank(measurer, on_node=lambda j, n: step(f"--keep-fp32 auto: node {j + 1}/{n} alone"))
     step("--keep-fp32 auto: fewest nodes kept")
-    bounds = profile.end_to_end
-    target = (bounds.target_kl if bounds.target_kl is not None else bounds.teacher_forced_kl) * AUTO_KL_SHARE
+    target = profile.end_to_end.goal_kl * AUTO_KL_SHARE
     choice = sensitivity.keep_fewest(measurer, ranking, target, profile.end_to_end.teacher_forced_top1)
     return choice.kept, choice
 

@@ -424,7 +424,8 @@ def _target_note(kl: np.ndarray, profile: Profile, images: int) -> list[str]:
     return [
         f"fidelity goal: the teacher-forced mean KL {mean:.3g} {verdict} the profile's target_kl {goal:g}; "
         f"{edges} of {kl.size} positions over {KNIFE_EDGE:g} nat, the others' mean {off_edges:.3g} (reported, not judged: "
-        f"a mean over {images} images moves with the CPU's float kernels; bench/fidelity_bench.py measures it on 96)"
+        f"a mean over {images} images is carried by a few positions and images and moves with the CPU's float kernels; "
+        "bench/fidelity_bench.py measures it on 96 images and text)"
     ]
 
 
