@@ -10,7 +10,7 @@ from test_export import export_tiny  # noqa: F401
 
 from vlmexport.bundle.manifest import read_manifest
 from vlmexport.cli import main
-from vlmexport.runtime.bench import TORCH, memory_bandwidth, run_bench
+from vlmexport.runtime.bench import TORCH, BackendBench, BenchReport, derive, memory_bandwidth, run_bench
 
 CHECKPOINT = "llama-siglip_vision_model-linear"
 
@@ -32,6 +32,35 @@ def test_bench_rows_cover_pytorch_and_the_variant_with_consistent_numbers(export
     decoder_params = manifest.model["parameters"]["decoder"]
     assert torch_row.decoder_mb * 1e6 == 4 * decoder_params
     assert onnx_row.decoder_mb * 1e6 == pytest.approx(4 * decoder_params, rel=0.05)
+
+
+def _row(backend: str, vision: float, first: float, decode: float, caption: float, decoder_mb: float) -> BackendBench:
+    return BackendBench(backend, 1.0, vision, first, decode, caption, 100.0, 50.0, decoder_mb, decoder_mb)
+
+
+def test_the_caption_floor_is_vision_and_first_pass_plus_every_step_at_the_bound() -> None:
+    # Numbers of issue #12's kind: an int8 whose two 196-row stages take most of the 1.8× budget.
+    rows = [_row(TORCH, 266, 391, 67, 2628, 919), _row("onnx fp32", 198, 263, 18, 1039, 538), _row("onnx int8", 226, 212, 11.4, 808, 159)]
+    pytorch, fp32, int8 = derive(rows, tokens=30, bandwidth=34e9)
+    assert int8.bound_ms == pytest.approx(159e6 / 34e9 * 1e3)
+    assert int8.floor_ms == pytest.approx(226 + 212 + 29 * int8.bound_ms)
+    assert int8.vs_fp32 == pytest.approx(1039 / 808) and fp32.vs_fp32 == 1.0 and pytorch.speedup == 1.0
+    assert int8.floor_vs_fp32 == pytest.approx(1039 / int8.floor_ms) and 1.8 < int8.floor_vs_fp32 < 1.85
+    assert int8.speedup == pytest.approx(2628 / 808)
+    # Without fp32 in the run there is nothing to compare with: 0, not a made-up ratio.
+    assert all(r.vs_fp32 == r.floor_vs_fp32 == 0 for r in derive([rows[0], rows[2]], tokens=30, bandwidth=34e9))
+
+
+def test_bench_prints_each_variants_ratio_to_fp32_and_its_ceiling(export_tiny, make_checkpoint, capsys, monkeypatch) -> None:
+    import vlmexport.runtime.bench as bench_module
+
+    rows = [_row(TORCH, 266, 391, 67, 2628, 919), _row("onnx fp32", 198, 263, 18, 1039, 538), _row("onnx int8", 226, 212, 11.4, 808, 159)]
+    report = BenchReport(derive(rows, tokens=30, bandwidth=34e9), 30, 196, 2, 34.0)
+    monkeypatch.setattr(bench_module, "run_bench", lambda *args: report)
+    assert main(["bench", "--onnx-dir", str(export_tiny("compact")), "--model-dir", str(make_checkpoint(CHECKPOINT))]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "int8: a caption 1.29× as fast as onnx fp32's; at most 1.81× with every decode step at the bound (226 ms vision + 212 ms first pass + 29 × 4.68 ms)" in out
+    assert "fp32: a caption" not in out
 
 
 def test_each_backend_runs_in_a_fresh_process_whose_peak_rss_is_its_own() -> None:

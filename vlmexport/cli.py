@@ -320,6 +320,10 @@ def bench(
     Console(width=max(out.width, 150)).print(table)  # one line per backend even on a narrow terminal
     load = ", ".join(f"{x:.1f}" for x in report.load_average)
     out.print(f"memory bandwidth {report.bandwidth_gbs:.1f} GB/s (reads, all threads); bound = decoder weight bytes / bandwidth; load average {load}")
+    for r in report.rows:
+        if r.backend.startswith("onnx ") and r.backend != "onnx fp32" and r.vs_fp32:
+            out.print(f"{r.backend.removeprefix('onnx ')}: a caption {r.vs_fp32:.2f}× as fast as onnx fp32's; at most {r.floor_vs_fp32:.2f}× with every decode step at the bound "
+                      f"({r.vision_ms:.0f} ms vision + {r.first_pass_ms:.0f} ms first pass + {report.tokens - 1} × {r.bound_ms:.2f} ms)")
 
 
 @app.command()
