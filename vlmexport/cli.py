@@ -323,7 +323,7 @@ def bench(
     for r in report.rows:
         if r.backend.startswith("onnx ") and r.backend != "onnx fp32" and r.vs_fp32:
             out.print(f"{r.backend.removeprefix('onnx ')}: a caption {r.vs_fp32:.2f}× as fast as onnx fp32's; at most {r.floor_vs_fp32:.2f}× with every decode step at the bound "
-                      f"({r.vision_ms:.0f} ms vision + {r.first_pass_ms:.0f} ms first pass + {report.tokens - 1} × {r.bound_ms:.2f} ms)")
+                      f"({r.vision_ms:.3g} ms vision + {r.first_pass_ms:.3g} ms first pass + {report.tokens - 1} × {r.bound_ms:.3g} ms)")
 
 
 @app.command()
