@@ -38,9 +38,13 @@ def _row(backend: str, vision: float, first: float, decode: float, caption: floa
     return BackendBench(backend, 1.0, vision, first, decode, caption, 100.0, 50.0, decoder_mb, decoder_mb)
 
 
+def issue_12_rows() -> list[BackendBench]:
+    """Numbers of issue #12's kind: an int8 whose two 196-row stages take most of the 1.8× budget."""
+    return [_row(TORCH, 266, 391, 67, 2628, 919), _row("onnx fp32", 198, 263, 18, 1039, 538), _row("onnx int8", 226, 212, 11.4, 808, 159)]
+
+
 def test_the_caption_floor_is_vision_and_first_pass_plus_every_step_at_the_bound() -> None:
-    # Numbers of issue #12's kind: an int8 whose two 196-row stages take most of the 1.8× budget.
-    rows = [_row(TORCH, 266, 391, 67, 2628, 919), _row("onnx fp32", 198, 263, 18, 1039, 538), _row("onnx int8", 226, 212, 11.4, 808, 159)]
+    rows = issue_12_rows()
     pytorch, fp32, int8 = derive(rows, tokens=30, bandwidth=34e9)
     assert int8.bound_ms == pytest.approx(159e6 / 34e9 * 1e3)
     assert int8.floor_ms == pytest.approx(226 + 212 + 29 * int8.bound_ms)
@@ -54,7 +58,7 @@ def test_the_caption_floor_is_vision_and_first_pass_plus_every_step_at_the_bound
 def test_bench_prints_each_variants_ratio_to_fp32_and_its_ceiling(export_tiny, make_checkpoint, capsys, monkeypatch) -> None:
     import vlmexport.runtime.bench as bench_module
 
-    rows = [_row(TORCH, 266, 391, 67, 2628, 919), _row("onnx fp32", 198, 263, 18, 1039, 538), _row("onnx int8", 226, 212, 11.4, 808, 159)]
+    rows = issue_12_rows()
     report = BenchReport(derive(rows, tokens=30, bandwidth=34e9), 30, 196, 2, 34.0)
     monkeypatch.setattr(bench_module, "run_bench", lambda *args: report)
     assert main(["bench", "--onnx-dir", str(export_tiny("compact")), "--model-dir", str(make_checkpoint(CHECKPOINT))]) == 0
