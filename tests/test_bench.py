@@ -55,13 +55,13 @@ def test_the_caption_floor_is_vision_and_first_pass_plus_every_step_at_the_bound
     assert all(r.vs_fp32 == r.floor_vs_fp32 == 0 for r in derive([rows[0], rows[2]], tokens=30, bandwidth=34e9))
 
 
-def test_bench_prints_each_variants_ratio_to_fp32_and_its_ceiling(export_tiny, make_checkpoint, capsys, monkeypatch) -> None:
+def test_bench_prints_each_variants_ratio_to_fp32_and_its_ceiling(tmp_path, capsys, monkeypatch) -> None:
     import vlmexport.runtime.bench as bench_module
 
     rows = issue_12_rows()
     report = BenchReport(derive(rows, tokens=30, bandwidth=34e9), 30, 196, 2, 34.0)
     monkeypatch.setattr(bench_module, "run_bench", lambda *args: report)
-    assert main(["bench", "--onnx-dir", str(export_tiny("compact")), "--model-dir", str(make_checkpoint(CHECKPOINT))]) == 0
+    assert main(["bench", "--onnx-dir", str(tmp_path), "--model-dir", str(tmp_path)]) == 0  # run_bench is the stand-in's
     out = " ".join(capsys.readouterr().out.split())
     assert "int8: a caption 1.29× as fast as onnx fp32's; at most 1.81× with every decode step at the bound (226 ms vision + 212 ms first pass + 29 × 4.68 ms)" in out
     assert "fp32: a caption" not in out
